@@ -1,0 +1,55 @@
+# moe-lab: the two commands of the README.
+#   make lab   - create .venv if needed, install the course, open JupyterLab on notebooks/
+#   make test  - the same set-up, then the unit tests and every notebook (nbval)
+#
+# Variables you may set on the command line:
+#   TORCH="torch==2.13.0"   which torch to install when .venv has none. Examples:
+#                           TORCH="torch --index-url https://download.pytorch.org/whl/cpu"  (CPU laptop)
+#                           TORCH="torch"                                                 (CUDA build)
+#   TRITON="triton==3.8.0"  which triton (Linux only; ignored elsewhere)
+#   LAB_ARGS="--no-browser --port 8899"   extra JupyterLab flags for make lab
+#   PYTEST_ARGS="-k router"               extra pytest flags for make test
+#   MOE_LAB_FAST=1          make test runs the notebooks with the smallest (CI) presets; set
+#                           MOE_LAB_FAST=0 to run them with the CPU/GPU presets instead.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.8.0
+LAB_ARGS ?=
+PYTEST_ARGS ?=
+MOE_LAB_FAST ?= 1
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moe-lab-installed
+UNAME := $(shell uname -s)
+
+.PHONY: lab test setup exercises clean help
+
+help:
+	@sed -n '2,16p' Makefile
+
+setup: $(STAMP)
+
+# The stamp is re-made only when the package's requirements change, so a second run is instant.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first, and only when missing: never swap a torch the user chose for another build.
+	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "installing $(TORCH)"; $(BIN)/python -m pip install -q $(TORCH); }
+ifeq ($(UNAME),Linux)
+	@$(BIN)/python -c "import triton" 2>/dev/null || { echo "installing $(TRITON)"; $(BIN)/python -m pip install -q $(TRITON); }
+endif
+	@$(BIN)/python -m pip install -q -e ".[lab,dev]"
+	@touch $(STAMP)
+	@$(BIN)/python -c "import moe_lab, torch; print('moe-lab', moe_lab.__version__, '| torch', torch.__version__)"
+
+lab: setup
+	cd notebooks && ../$(BIN)/jupyter lab $(LAB_ARGS)
+
+test: setup
+	MPLBACKEND=Agg MOE_LAB_FAST=$(MOE_LAB_FAST) $(BIN)/python -m pytest -v -p no:cacheprovider \
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
+		tests notebooks $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs
