@@ -1,0 +1,115 @@
+"""Runtime policy, decided in one place: mode, device, dtype, seeding and the Triton interpreter.
+
+Modes (DESIGN.md): "gpu" (CUDA present: full presets, bf16, compiled Triton), "cpu" (presets that
+learn something real in minutes on 2 cores, float32, Triton through its interpreter) and "ci"
+(the smallest presets that still exercise every code path). The mode comes from, in order:
+
+    1. the argument `setup(mode=...)`
+    2. the environment variable MOE_LAB_MODE ("gpu", "cpu" or "ci")
+    3. "ci" when CI or MOE_LAB_FAST is set to a true value ("1", "true", "yes")
+    4. "gpu" when CUDA is available, else "cpu"
+
+MOE_LAB_DEVICE=cpu forces the CPU even where CUDA exists.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+MODES = ("gpu", "cpu", "ci")
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def detect_mode(env: Optional[dict] = None) -> str:
+    """The mode this machine runs in, from the environment (see the module docstring)."""
+    env = os.environ if env is None else env
+    forced = env.get("MOE_LAB_MODE", "").strip().lower()
+    if forced:
+        if forced not in MODES:
+            raise ValueError(f"MOE_LAB_MODE={forced!r}: expected one of {MODES}")
+        return forced
+    if _truthy(env.get("CI")) or _truthy(env.get("MOE_LAB_FAST")):
+        return "ci"
+    return "gpu" if _cuda_usable(env) else "cpu"
+
+
+def _cuda_usable(env: Optional[dict] = None) -> bool:
+    env = os.environ if env is None else env
+    return torch.cuda.is_available() and env.get("MOE_LAB_DEVICE", "").lower() != "cpu"
+
+
+def pick_dtype(device: torch.device, capability: Optional[tuple] = None) -> torch.dtype:
+    """bf16 on GPUs that have it (compute capability >= 8.0: A100, H100, RTX 30xx+), fp16 on older
+    GPUs (T4, V100), float32 on the CPU. `capability` can be passed to simulate a GPU."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so a rerun gives the same numbers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def triton_version() -> Optional[str]:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # not installed (macOS) or broken install
+        return None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What this notebook runs on. Print it with `print(rt)` or `rt.summary()`."""
+
+    mode: str  # "gpu", "cpu" or "ci": which preset sizes to use
+    device: torch.device  # where tensors live
+    dtype: torch.dtype  # compute dtype for models and kernels
+    seed: int  # the seed everything was seeded with
+    triton_interpret: bool  # True when Triton kernels run through the CPU interpreter
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def summary(self) -> str:
+        dev = torch.cuda.get_device_name(self.device) if self.on_gpu else f"CPU ({os.cpu_count()} cores)"
+        tri = triton_version()
+        tri = "not installed" if tri is None else tri + (" (interpreter)" if self.triton_interpret else " (compiled)")
+        return (f"moe-lab | mode={self.mode} | device={dev} | dtype={str(self.dtype).replace('torch.', '')} | "
+                f"seed={self.seed} | python {platform.python_version()} | torch {torch.__version__} | triton {tri}")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def setup(seed: int = 0, mode: Optional[str] = None, verbose: bool = True) -> Runtime:
+    """Decide mode, device and dtype, seed everything, and print a one-line summary."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"setup(mode={mode!r}): expected one of {MODES} or None")
+    mode = mode or detect_mode()
+    device = torch.device("cuda") if _cuda_usable() else torch.device("cpu")
+    interpret = device.type != "cuda"
+    if interpret:  # Triton kernels defined after this point run on CPU tensors
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    seed_everything(seed)
+    rt = Runtime(mode=mode, device=device, dtype=pick_dtype(device), seed=seed, triton_interpret=interpret)
+    if verbose:
+        print(rt.summary(), file=sys.stdout)
+    return rt
