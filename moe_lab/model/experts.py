@@ -1,0 +1,114 @@
+"""Expert back-ends: the part of an MoE layer that runs each token through its chosen experts.
+
+Every back-end computes the same function (DeepSeekMoE / Mixtral style SwiGLU experts):
+
+    y[t] = sum_j  weights[t, j] * Expert_{expert_idx[t, j]}(x[t])
+    Expert_e(x) = (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]          (SwiGLU, Shazeer 2020)
+
+The contract shared by all back-ends (`reference`, `sorted` here; `triton` in moe_lab.kernels.moe;
+`ep` in moe_lab.distributed):
+
+    x          (T, d)      token activations
+    expert_idx (T, k)      int64, chosen experts; -1 marks an assignment dropped by the capacity
+                           limit: it contributes nothing and costs no compute
+    weights    (T, k)      routing weights (gradients flow into them)
+    w1, w3     (E, d, f)   gate and up projections, laid out for `x @ w`
+    w2         (E, f, d)   down projection
+    returns    (T, d)      in x's dtype
+
+`reference` is the readable truth: a loop over experts. `sorted` permutes the token copies once so
+that each expert's tokens are contiguous, then runs one matmul per expert on a slice: the layout the
+Triton kernels of notebook 06 use.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_expert_inputs(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> None:
+    """Raise a ValueError naming the argument when shapes or index ranges break the contract."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (tokens, d_model); got shape {tuple(x.shape)}")
+    T, d = x.shape
+    if expert_idx.shape != weights.shape or expert_idx.dim() != 2 or expert_idx.shape[0] != T:
+        raise ValueError(
+            f"expert_idx and weights must both be (tokens={T}, top_k); got {tuple(expert_idx.shape)} "
+            f"and {tuple(weights.shape)}"
+        )
+    if expert_idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"expert_idx must be an integer tensor; got {expert_idx.dtype}")
+    if w1.dim() != 3 or w1.shape[1] != d or w3.shape != w1.shape:
+        raise ValueError(f"w1 and w3 must be (n_experts, d_model={d}, d_expert); got {tuple(w1.shape)} and {tuple(w3.shape)}")
+    E, _, f = w1.shape
+    if w2.shape != (E, f, d):
+        raise ValueError(f"w2 must be (n_experts={E}, d_expert={f}, d_model={d}); got {tuple(w2.shape)}")
+    if expert_idx.numel() and (int(expert_idx.min()) < -1 or int(expert_idx.max()) >= E):
+        raise ValueError(
+            f"expert_idx must lie in [-1, {E - 1}] (-1 = dropped); got values in "
+            f"[{int(expert_idx.min())}, {int(expert_idx.max())}]"
+        )
+
+
+def swiglu_expert(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """One SwiGLU expert on a block of rows: (n, d) -> (n, d)."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2  # (n, f) * (n, f) -> (n, f) @ (f, d)
+
+
+def experts_reference(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """Loop over experts; gather each expert's tokens, run it, scatter-add back (the readable truth)."""
+    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
+    y = torch.zeros_like(x)  # (T, d)
+    for e in range(w1.shape[0]):
+        token, slot = torch.where(expert_idx == e)  # (n_e,), (n_e,): which tokens chose e, in which slot
+        if token.numel() == 0:
+            continue  # an expert with no tokens does no work
+        out = swiglu_expert(x[token], w1[e], w3[e], w2[e])  # (n_e, d)
+        y = y.index_add(0, token, out * weights[token, slot, None].to(x.dtype))
+    return y
+
+
+def sort_by_expert(expert_idx: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Routing metadata of the sorted layout.
+
+    Returns (order, token_of, counts):
+      order    (N,)  positions in the flattened (T*k,) assignments, sorted by expert (dropped removed)
+      token_of (N,)  the token each sorted row comes from (= order // k)
+      counts   (E,)  rows per expert, so expert e owns rows [offsets[e], offsets[e] + counts[e])
+    """
+    k = expert_idx.shape[1]
+    flat = expert_idx.reshape(-1)  # (T*k,)
+    order = torch.argsort(flat, stable=True)  # dropped (-1) sort first
+    order = order[flat[order] >= 0]  # (N,) keep routed assignments only
+    counts = torch.bincount(flat[order], minlength=n_experts)  # (E,)
+    return order, order // k, counts
+
+
+def experts_sorted(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """Permute token copies once so each expert's rows are contiguous, then one matmul per slice."""
+    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
+    E = w1.shape[0]
+    order, token_of, counts = sort_by_expert(expert_idx, E)
+    xs = x[token_of]  # (N, d): token copies, grouped by expert
+    outs = []
+    for e, rows in enumerate(torch.split(xs, counts.tolist())):
+        if rows.shape[0]:
+            outs.append(swiglu_expert(rows, w1[e], w3[e], w2[e]))  # (n_e, d)
+    if not outs:
+        return torch.zeros_like(x)
+    out = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N, d) weighted
+    return torch.zeros_like(x).index_add(0, token_of, out)  # un-permute and combine: (T, d)
+
+
+def run_experts(backend: str, x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """Dispatch to an expert back-end by name: 'reference', 'sorted', 'triton' (notebook 06)."""
+    if backend == "reference":
+        return experts_reference(x, expert_idx, weights, w1, w3, w2)
+    if backend == "sorted":
+        return experts_sorted(x, expert_idx, weights, w1, w3, w2)
+    if backend == "triton":
+        from moe_lab.kernels.moe import experts_triton  # imported lazily: Triton is optional
+
+        return experts_triton(x, expert_idx, weights, w1, w3, w2)
+    raise ValueError(f"backend={backend!r}: expected one of 'reference', 'sorted', 'triton'")
