@@ -103,11 +103,11 @@ def train(model: torch.nn.Module, batches: BatchFn, cfg: TrainConfig, progress: 
         opt.step()  # 5. update
         if has_moe:
             model.update_router_biases()  # 6. aux-loss-free bias (no-op for other balancing)
-        loss_value = float(loss)  # syncs with the device, so the step time is real
+        loss_value = loss.item()  # syncs with the device, so the step time is real
         elapsed += time.perf_counter() - t0
         hist.step.append(step)  # 7. log
         hist.train_loss.append(loss_value)
-        hist.aux_loss.append(float(aux))
+        hist.aux_loss.append(aux.item())
         hist.lr.append(lr)
         hist.time.append(elapsed)
         if has_moe:
