@@ -113,3 +113,46 @@ def setup(seed: int = 0, mode: Optional[str] = None, verbose: bool = True) -> Ru
     if verbose:
         print(rt.summary(), file=sys.stdout)
     return rt
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def environment_table(rt: Runtime) -> list[tuple[str, str]]:
+    """What this machine offers the course, as (item, value) rows for notebook 00."""
+    rows = [
+        ("python", platform.python_version()),
+        ("platform", f"{platform.system()} {platform.machine()}"),
+        ("torch", torch.__version__),
+        ("triton", triton_version() or "not installed (macOS/Windows: notebooks 05-07 cannot run kernels)"),
+        ("CUDA available", str(torch.cuda.is_available())),
+        ("device", torch.cuda.get_device_name(rt.device) if rt.on_gpu else f"CPU, {os.cpu_count()} cores"),
+        ("compute dtype", str(rt.dtype).replace("torch.", "")),
+        ("Triton kernels run", "compiled on the GPU" if rt.on_gpu else "through the interpreter (slow, small shapes)"),
+        ("mode / presets", rt.mode),
+        ("Colab", str(in_colab())),
+    ]
+    if rt.on_gpu:
+        major, minor = torch.cuda.get_device_capability(rt.device)
+        rows.append(("compute capability", f"{major}.{minor}"))
+    return rows
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    """Median TFLOP/s of an n x n x n matmul on this device (2 n^3 FLOPs each), after a warm-up."""
+    import time
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:  # the first two are warm-up
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12

@@ -1,0 +1,130 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Setup: what will run here, and how fast
+#
+# Before building anything, find out what this machine can do: CPU or GPU, which dtype, whether
+# Triton kernels run compiled or through the interpreter, and how fast a matrix multiply is.
+#
+# **What you will learn**
+# - how the course picks its *mode* (`gpu`, `cpu`, `ci`), device and dtype, and how to override them
+# - what Triton's interpreter is and why CPU runs use float32
+# - how many FLOP/s this machine gives a matrix multiply, the number every later timing is read against
+#
+# **Prerequisites**: none. **Time to run**: CPU (2 cores): under 1 min · GPU: under 1 min.
+
+# %%
+import sys, subprocess
+if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab[lab] @ git+https://github.com/moe-lab/moe-lab"], check=True)
+from moe_lab import runtime
+rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
+
+# %% [markdown]
+# ## 1. The runtime, decided in one place
+#
+# `runtime.setup()` decided four things. The **mode** sets how big every experiment is:
+#
+# | mode | when | sizes |
+# |---|---|---|
+# | `gpu` | CUDA is available | full presets, bf16 (fp16 on GPUs older than Ampere), compiled Triton |
+# | `cpu` | no GPU | presets that still learn something real in minutes on 2 cores, float32 |
+# | `ci` | `CI` or `MOE_LAB_FAST=1` is set | the smallest sizes that still run every code path |
+#
+# Override it with the environment variable `MOE_LAB_MODE=gpu|cpu|ci` (set before starting Jupyter),
+# or per notebook with `runtime.setup(mode="cpu")`. `MOE_LAB_DEVICE=cpu` forces the CPU.
+
+# %%
+import torch
+from IPython.display import Markdown, display
+
+rows = runtime.environment_table(rt)
+display(Markdown("| item | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)))
+
+# %% [markdown]
+# ## 2. The dtype policy
+#
+# Matrix units of modern GPUs multiply bfloat16 at full speed; bf16 keeps float32's exponent range,
+# so training needs no loss scaling. GPUs before Ampere (T4, V100) lack bf16 and get float16. CPUs
+# compute float32. The policy is one function; check it on simulated GPUs:
+
+# %%
+for name, capability in [("H100", (9, 0)), ("A100", (8, 0)), ("T4", (7, 5)), ("V100", (7, 0))]:
+    print(f"{name:5s} capability {capability}: {runtime.pick_dtype(torch.device('cuda'), capability)}")
+print(f"this machine ({rt.device.type}): {rt.dtype}")
+assert runtime.pick_dtype(torch.device("cuda"), (7, 5)) == torch.float16
+assert runtime.pick_dtype(torch.device("cpu")) == torch.float32
+
+# %% [markdown]
+# ## 3. Triton: compiled or interpreted
+#
+# Triton compiles Python kernels for GPUs. Without a GPU, its **interpreter** (`TRITON_INTERPRET=1`,
+# set before kernels are defined; `runtime.setup()` does it for you) runs the same kernels on CPU
+# tensors with NumPy: slow, but exact enough to learn and test with. One trap: the interpreter
+# computes **bfloat16 wrongly** (it treats the raw bits as numbers), so the course's kernels refuse
+# bf16 there with a clear error and CPU runs use float32.
+
+# %%
+import os
+print("Triton version:", runtime.triton_version())
+print("TRITON_INTERPRET =", os.environ.get("TRITON_INTERPRET", "(unset: kernels compile for the GPU)"))
+assert rt.triton_interpret == (not rt.on_gpu)
+
+# %% [markdown]
+# ## 4. How fast is a matrix multiply here?
+#
+# A matmul of two n×n matrices costs 2n³ floating-point operations. Timing it gives this machine's
+# practical ceiling: every later FLOP/s figure in the course is read against it.
+
+# %%
+sizes = {"gpu": [1024, 2048, 4096, 8192], "cpu": [128, 256, 512, 1024], "ci": [64, 128, 256]}[rt.mode]
+tflops = [runtime.measure_matmul_tflops(rt.device, rt.dtype, n) for n in sizes]
+for n, t in zip(sizes, tflops):
+    print(f"n={n:5d}: {t * 1000:9.1f} GFLOP/s")
+assert all(t > 0 for t in tflops)
+
+# %%
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(sizes, [t * 1000 for t in tflops], marker="o")
+ax.set_xscale("log", base=2)
+ax.set_xlabel("matrix size n (n × n × n)")
+ax.set_ylabel("GFLOP/s")
+ax.set_title(f"matmul throughput, {rt.device.type}, {str(rt.dtype).replace('torch.', '')}")
+plt.show()
+
+# %% [markdown]
+# Larger matrices run faster per FLOP: small ones cannot keep every core (or every GPU
+# multiprocessor) busy, and moving data costs more than the arithmetic. Notebook 07 turns this
+# observation into the *roofline*.
+#
+# ## 5. What will run here
+#
+# | notebook | CPU (2 cores) | GPU |
+# |---|---|---|
+# | 01 data and tokenizer | yes, seconds | yes |
+# | 02 dense transformer | yes, a few minutes | yes, full size |
+# | 03 MoE layer | yes, a minute | yes |
+# | 04 train an MoE | yes, about 5 minutes | yes, full size |
+# | 05–06 Triton kernels | through the interpreter, small shapes | compiled, bf16 |
+#
+# ## Summary
+# - `moe_lab.runtime.setup()` decides mode, device, dtype and seeds everything; one line says what it chose.
+# - CPU runs use float32 and Triton's interpreter; GPUs use bf16 (fp16 before Ampere) and compiled kernels.
+# - Matmul throughput grows with size: the first hint of the roofline.
+#
+# ## Papers and further reading
+# - Tillet, Kung, Cox. *Triton: an intermediate language and compiler for tiled neural network computations* (2019).
+# - Micikevicius et al. *Mixed precision training* (2018); Kalamkar et al. *A study of BFLOAT16 for deep learning training* (2019).
