@@ -200,16 +200,18 @@ def preset(name: Optional[str] = None) -> Preset:
         from moe_lab.runtime import detect_mode
 
         name = detect_mode()
+    # Calibrated on a 2-core CPU (see README): the cpu preset's MoE reaches a lower validation loss
+    # per step than its dense twin and learns 2-digit addition in about 1000 steps.
     if name == "ci":
         moe = MoEConfig(n_experts=8, top_k=2, d_expert=32, n_shared=1, balance="aux_free")
         return Preset("ci", _moe_model(64, 2, 4, 64, moe),
-                      TrainConfig(steps=60, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=10, eval_every=30, eval_batches=2))
+                      TrainConfig(steps=300, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=30, eval_every=100, eval_batches=4))
     if name == "cpu":
-        moe = MoEConfig(n_experts=8, top_k=2, d_expert=64, n_shared=1, balance="aux_free")
-        return Preset("cpu", _moe_model(128, 3, 4, 128, moe),
-                      TrainConfig(steps=600, batch_size=32, seq_len=96, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=4))
+        moe = MoEConfig(n_experts=8, top_k=2, d_expert=32, n_shared=1, balance="aux_free")
+        return Preset("cpu", _moe_model(64, 2, 4, 64, moe),
+                      TrainConfig(steps=1500, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=50, eval_every=150, eval_batches=8))
     if name == "gpu":
-        moe = MoEConfig(n_experts=16, top_k=2, d_expert=256, n_shared=1, balance="aux_free")
-        return Preset("gpu", _moe_model(384, 6, 6, 256, moe),
-                      TrainConfig(steps=3000, batch_size=64, seq_len=256, lr=2e-3, warmup_steps=200, eval_every=250, eval_batches=8))
+        moe = MoEConfig(n_experts=16, top_k=2, d_expert=128, n_shared=1, balance="aux_free")
+        return Preset("gpu", _moe_model(256, 4, 8, 128, moe),
+                      TrainConfig(steps=4000, batch_size=64, seq_len=128, lr=2e-3, warmup_steps=200, eval_every=250, eval_batches=8))
     raise ValueError(f"preset name={name!r}: expected one of 'gpu', 'cpu', 'ci'")
