@@ -122,3 +122,44 @@ def train(model: torch.nn.Module, batches: BatchFn, cfg: TrainConfig, progress: 
         if on_step is not None:
             on_step(step, hist)
     return hist
+
+
+def train_course_model(preset_name: str, out: Optional[str] = None, progress: bool = True, device: str = "cpu"):
+    """The course's own training command: the preset's MoE on the course mixture, evaluated by exact
+    match on held-out problems, saved (with its config and figures) when `out` is given."""
+    import datetime
+    import sys
+
+    from moe_lab.checkpoint import save_checkpoint
+    from moe_lab.config import preset
+    from moe_lab.data import batch_fn, course_mixture, course_task
+    from moe_lab.evaluation import exact_match
+    from moe_lab.model import Transformer
+    from moe_lab.runtime import seed_everything
+
+    p = preset(preset_name)
+    seed_everything(p.train.seed)
+    model = Transformer(p.moe).to(device)
+    batches = batch_fn(course_mixture(), p.train.batch_size, p.train.seq_len, seed=p.train.seed, device=device)
+    hist = train(model, batches, p.train, progress=progress, desc=f"moe ({preset_name})")
+    acc = exact_match(model, course_task(), n=500)
+    extra = {"preset": preset_name, "steps": p.train.steps, "val_loss": hist.final_val_loss,
+             "heldout_exact_match": acc, "train_seconds": round(hist.time[-1], 1), "task": "add, 2 digits, reversed",
+             "command": "python -m moe_lab.train " + " ".join(sys.argv[1:]), "torch": torch.__version__,
+             "date": datetime.date.today().isoformat()}
+    if out:
+        save_checkpoint(out, model, extra)
+    return model, hist, extra
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Train the course's MoE model (the checkpoint notebook 08 starts from).")
+    ap.add_argument("--preset", default="cpu", choices=["ci", "cpu", "gpu"])
+    ap.add_argument("--out", default=None, help="checkpoint path, e.g. data/checkpoints/moe_cpu.pt")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    _, _, figures = train_course_model(args.preset, args.out, device=args.device)
+    print(json.dumps(figures, indent=2))

@@ -1,9 +1,23 @@
-"""Data of the course: a character tokenizer, verifiable arithmetic tasks, the stdlib text corpus
-and batching."""
-from moe_lab.data.batches import Batch, Mixture, TaskSource, TextSource, batch_fn
-from moe_lab.data.corpus import load_corpus
+"""Data of the course (notebook 01): a character tokenizer, verifiable arithmetic tasks, the
+Python-stdlib text corpus, and batches that mix them.
+
+    from moe_lab.data import TOKENIZER, ArithmeticTask, TextSource, TaskSource, Mixture, load_corpus
+"""
+from moe_lab.data.batches import Batch, Mixture, TaskSource, TextSource, batch_fn, course_mixture, course_task
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER, CharTokenizer
 
-__all__ = ["Batch", "Mixture", "TaskSource", "TextSource", "batch_fn", "load_corpus", "ArithmeticTask", "Problem",
-           "TOKENIZER", "CharTokenizer"]
+
+def load_corpus(name: str = "python_stdlib") -> str:
+    """The text of a corpus: the same as moe_lab.data.corpus.load_corpus.
+
+    Imported on call rather than above, so that `python -m moe_lab.data.corpus --build` runs the
+    module once, without Python's warning about a module imported before it is run.
+    """
+    from moe_lab.data import corpus
+
+    return corpus.load_corpus(name)
+
+
+__all__ = ["Batch", "Mixture", "TaskSource", "TextSource", "batch_fn", "course_mixture", "course_task",
+           "load_corpus", "ArithmeticTask", "Problem", "TOKENIZER", "CharTokenizer"]
