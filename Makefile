@@ -23,7 +23,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.moe-lab-installed
 UNAME := $(shell uname -s)
 
-.PHONY: lab test setup exercises clean help
+.PHONY: lab test setup notebooks clean help
 
 help:
 	@sed -n '2,16p' Makefile
@@ -50,6 +50,10 @@ test: setup
 	MPLBACKEND=Agg MOE_LAB_FAST=$(MOE_LAB_FAST) $(BIN)/python -m pytest -v -p no:cacheprovider \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
 		tests notebooks $(PYTEST_ARGS)
+
+# Regenerate every notebook's .ipynb (no outputs) from its py:percent source.
+notebooks: setup
+	@for f in notebooks/[0-9][0-9]_*.py; do $(BIN)/jupytext --quiet --to ipynb "$$f"; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
