@@ -1,19 +1,25 @@
 """The course's text corpus: Python standard-library sources (notebooks 01, 02, 04).
 
-Every machine that runs the course has Python, so its standard library is material present
-everywhere; a fixed selection of it ships in data/corpus/python_stdlib.txt so that every learner
-trains on the same characters (the standard library differs slightly between Python versions).
-It is distributed under the PSF licence (data/corpus/README.md).
+A language model needs text to learn from, and every machine that runs the course already has
+some: the source of Python's own standard library. A fixed, sorted list of its pure-Python modules
+(STDLIB_FILES, all present from Python 3.10 to 3.13) is cleaned to what the tokenizer knows
+(printable ASCII and newlines, tabs expanded) and joined, one separator line per file, into about
+0.8 MB of text. That file ships in data/corpus/python_stdlib.txt, so every learner trains on the
+same characters (the modules change a little between Python versions); data/corpus/README.md says
+how it was built. The sources are under the PSF licence.
 
     python -m moe_lab.data.corpus --build     # regenerate the shipped file from this Python
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import sysconfig
 from pathlib import Path
 
-# pure-Python modules present, and stable, in Python 3.10 - 3.13
+# Pure-Python modules present, and stable, in Python 3.10 - 3.13 (none of them became a package or
+# a stub in that range). Sorted, so the corpus is the same whatever order they are listed in.
 STDLIB_FILES = sorted([
     "abc.py", "argparse.py", "base64.py", "bisect.py", "calendar.py", "colorsys.py", "configparser.py",
     "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py", "enum.py", "fnmatch.py",
@@ -21,61 +27,89 @@ STDLIB_FILES = sorted([
     "operator.py", "queue.py", "random.py", "sched.py", "shlex.py", "statistics.py", "string.py",
     "textwrap.py", "timeit.py",
 ])
-SEPARATOR = "# ==== {name} ====\n"
-SHIPPED = {"python_stdlib": "python_stdlib.txt"}
+SEPARATOR = "# ==== {name} ====\n"  # the line that opens each file in the corpus
+SHIPPED = {"python_stdlib": "python_stdlib.txt"}  # corpus name -> its file in data/corpus/
+CACHE_DIR = Path.home() / ".cache" / "moe_lab"  # where a corpus missing from data/ is built
 
 
 def data_dir() -> Path:
-    """The repository's data/ folder."""
+    """The repository's data/ folder (next to the moe_lab package)."""
     import moe_lab
 
     return Path(moe_lab.__file__).resolve().parents[1] / "data"
 
 
 def clean(text: str) -> str:
-    """Keep what the tokenizer knows: printable ASCII and newlines (tabs become spaces)."""
-    text = text.expandtabs(4).replace("\r\n", "\n")
-    return "".join(c for c in text if c == "\n" or 32 <= ord(c) < 127)
+    """Keep what the tokenizer knows: printable ASCII and newlines (tabs become spaces, others dropped)."""
+    text = text.replace("\r\n", "\n").expandtabs(4)
+    return "".join(c for c in text if c == "\n" or 32 <= ord(c) <= 126)
 
 
 def build_stdlib_corpus(out_path, target_chars: int = 1_000_000) -> Path:
-    """Concatenate the fixed STDLIB_FILES (skipping missing ones) up to about target_chars."""
+    """Write the STDLIB_FILES of this Python, cleaned, to out_path; return the path.
+
+    Files are taken in sorted order, each opened by a SEPARATOR line, until target_chars is reached;
+    a file that would pass it is cut at a line end, so the corpus holds at most target_chars
+    characters. Missing files are skipped. The file is written atomically (a temporary file, then a
+    rename), so a reader never sees half of it.
+    """
+    if isinstance(target_chars, bool) or not isinstance(target_chars, int) or target_chars < 1:
+        raise ValueError(f"build_stdlib_corpus(target_chars={target_chars!r}): expected a positive integer")
     root = Path(sysconfig.get_paths()["stdlib"])
     parts, total = [], 0
     for name in STDLIB_FILES:
         path = root / name
-        if not path.exists() or total >= target_chars:
+        if not path.exists():
             continue
-        text = SEPARATOR.format(name=name) + clean(path.read_text(encoding="utf-8", errors="ignore"))
-        parts.append(text[: target_chars - total])
-        total += len(parts[-1])
+        text = SEPARATOR.format(name=name) + clean(path.read_text(encoding="utf-8", errors="replace"))
+        if total + len(text) > target_chars:
+            text = text[: target_chars - total]
+            text = text[: text.rfind("\n") + 1]  # end on a whole line ("" if none fits)
+        parts.append(text)
+        total += len(text)
+        if total >= target_chars or not text:
+            break
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("".join(parts), encoding="ascii")
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(parts), encoding="ascii")
+    tmp.replace(out_path)
     return out_path
 
 
-def load_corpus(name: str = "python_stdlib") -> str:
-    """The shipped corpus; rebuilt into ~/.cache/moe_lab from this Python if data/ is not there."""
+def corpus_path(name: str = "python_stdlib") -> Path:
+    """Where the corpus `name` ships: data/corpus/<file> in the repository."""
     if name not in SHIPPED:
-        raise ValueError(f"load_corpus(name={name!r}): expected one of {sorted(SHIPPED)}")
-    path = data_dir() / "corpus" / SHIPPED[name]
+        raise ValueError(f"corpus name={name!r}: expected one of {sorted(SHIPPED)}")
+    return data_dir() / "corpus" / SHIPPED[name]
+
+
+def load_corpus(name: str = "python_stdlib") -> str:
+    """The text of a corpus: the shipped file, or (without the repository) one built into ~/.cache/moe_lab."""
+    path = corpus_path(name)
     if not path.exists():
-        path = Path.home() / ".cache" / "moe_lab" / SHIPPED[name]
+        path = CACHE_DIR / SHIPPED[name]
         if not path.exists():
-            print(f"data/corpus not found (package installed without the repository): building {path} from this "
-                  f"Python's standard library; numbers may differ slightly from the course's.")
+            print(f"note: {corpus_path(name)} not found (moe_lab installed without its repository): building "
+                  f"{path} from this Python's standard library ({sys.version.split()[0]}); it may differ slightly "
+                  f"from the course's corpus.")
             build_stdlib_corpus(path)
     return path.read_text(encoding="ascii")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    """`python -m moe_lab.data.corpus --build`: regenerate data/corpus/python_stdlib.txt."""
+    parser = argparse.ArgumentParser(prog="python -m moe_lab.data.corpus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="store_true", help="regenerate data/corpus/python_stdlib.txt")
-    parser.add_argument("--chars", type=int, default=1_000_000)
-    args = parser.parse_args()
-    if args.build:
-        out = build_stdlib_corpus(data_dir() / "corpus" / SHIPPED["python_stdlib"], args.chars)
-        print(f"wrote {out} ({out.stat().st_size:,} bytes)")
-    else:
+    parser.add_argument("--chars", type=int, default=1_000_000, help="the most characters to keep")
+    args = parser.parse_args(argv)
+    if not args.build:
         parser.print_help()
+        return
+    out = build_stdlib_corpus(corpus_path("python_stdlib"), args.chars)
+    print(f"wrote {out} ({out.stat().st_size:,} characters) from Python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    main()
