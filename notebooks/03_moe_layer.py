@@ -266,7 +266,7 @@ emb = torch.nn.Embedding(TOKENIZER.vocab_size, 32)
 layer = MoELayer(32, MoEConfig(n_experts=8, top_k=2, d_expert=16))
 with torch.no_grad():
     layer(emb(ids))
-plot_routing_map(layer._last_routing.expert_idx, 8, tokens=list(text))
+plot_routing_map(layer.last_routing.expert_idx, 8, tokens=list(text))
 plt.show()
 
 # %% [markdown]

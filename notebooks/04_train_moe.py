@@ -147,7 +147,7 @@ chars = [TOKENIZER.decode([i], skip_special=False) for i in batch.x.flatten().to
 kind_of = [next(k for k, test in kinds.items() if test(c)) for c in chars]
 E = layer.cfg.n_experts
 table = np.zeros((len(kinds), E))
-for kind, row in zip(kind_of, layer._last_routing.expert_idx.cpu().tolist()):
+for kind, row in zip(kind_of, layer.last_routing.expert_idx.cpu().tolist()):
     for e in row:
         if e >= 0:
             table[list(kinds).index(kind), e] += 1

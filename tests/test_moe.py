@@ -233,3 +233,9 @@ def test_moe_layer_stats_entropy_bounds():
     s = layer.last_stats
     assert 0 <= s.entropy <= math.log(8) + 1e-6
     assert s.imbalance >= 1.0
+
+
+def test_router_losses_are_zero_not_nan_for_an_empty_batch():
+    r = make_router(router="softmax", balance="aux_loss", z_loss_coef=1e-3)
+    out = r(torch.zeros(0, 16))
+    assert out.expert_idx.shape == (0, 2) and out.aux_loss.item() == 0.0

@@ -36,12 +36,12 @@ class MoELayer(nn.Module):
         self.shared = SwiGLU(d_model, cfg.shared_width) if cfg.n_shared > 0 else None
         self.backend = cfg.backend  # may be switched at any time: every back-end computes the same
         self.aux_loss: Tensor = torch.zeros(())  # balance + z-loss of the last forward
-        self._last_routing = None  # detached routing of the last forward; stats are computed on request
+        self.last_routing: Optional[Routing] = None  # detached routing of the last forward (for plots and stats)
 
     @property
     def last_stats(self) -> Optional[RoutingStats]:
         """Load per expert, dropped assignments and router entropy of the last forward pass."""
-        return None if self._last_routing is None else routing_stats(self._last_routing, self.cfg.n_experts)
+        return None if self.last_routing is None else routing_stats(self.last_routing, self.cfg.n_experts)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -51,6 +51,6 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(xf)
         self.aux_loss = routing.aux_loss
-        self._last_routing = Routing(routing.expert_idx.detach(), routing.weights.detach(), routing.probs.detach(),
+        self.last_routing = Routing(routing.expert_idx.detach(), routing.weights.detach(), routing.probs.detach(),
                                      routing.logits.detach(), routing.aux_loss.detach())
         return y.reshape(shape)

@@ -34,6 +34,8 @@ from moe_lab.config import MoEConfig
 
 def switch_aux_loss(probs: Tensor, expert_idx: Tensor, n_experts: int) -> Tensor:
     """E * sum_i f_i * P_i (Switch Transformer). probs (T, E); expert_idx (T, k) chosen experts."""
+    if probs.shape[0] == 0:  # no tokens (e.g. an expert-parallel rank with an empty batch): nothing to balance
+        return probs.sum() * 0.0
     chosen = expert_idx[expert_idx >= 0]
     f = torch.bincount(chosen, minlength=n_experts).float() / max(chosen.numel(), 1)  # (E,) fraction of assignments
     P = probs.float().mean(0)  # (E,) mean router probability
@@ -42,6 +44,8 @@ def switch_aux_loss(probs: Tensor, expert_idx: Tensor, n_experts: int) -> Tensor
 
 def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean_t logsumexp(logits_t)^2."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
