@@ -16,7 +16,7 @@ import torch
 
 from moe_lab.config import MoEConfig
 from moe_lab.distributed import RankFailedError, launch
-from moe_lab.distributed.workers import fail_on_rank, moe_layer_check, run_cases, sleep_on_rank
+from moe_lab.distributed.workers import fail_on_rank, moe_layer_check, moe_layer_runs, run_cases, sleep_on_rank
 from moe_lab.model.experts import experts_reference
 from moe_lab.model.moe import MoELayer
 
@@ -198,9 +198,10 @@ def test_expert_parallel_moe_layer_matches_single_process(ep_run, name):
     layer.load_state_dict(case["state"])
     layer.backend = "reference"
     ys, gxs = [], []
-    for x, g in zip(case["x"], case["grad_y"]):  # each rank's tokens, routed (and capped) on their own
+    for rank, (x, g) in enumerate(zip(case["x"], case["grad_y"])):  # each rank's tokens, routed (and capped) alone
         x = x.clone().requires_grad_()
         y = layer(x)
+        assert torch.equal(results[rank]["expert_idx"], layer.last_routing.expert_idx), f"routing of rank {rank}"
         loss = (y * g).sum() + layer.aux_loss
         if loss.requires_grad:  # a rank without tokens contributes no gradient
             loss.backward()
@@ -223,6 +224,22 @@ def test_expert_parallel_moe_layer_matches_single_process(ep_run, name):
         assert sum(r["dropped"] for r in results) > 0, "the capacity case must drop assignments"
     if case["cfg"].balance == "aux_free":
         assert layer.router.expert_bias.abs().sum() > 0, "the bias update must have moved"
+
+
+def test_moe_layer_runs_gives_the_notebook_each_case_in_order():
+    """notebook 09's worker: several layers in one launch, results per case, routing included."""
+    cases = [make_moe_cases(2)[name] for name in ("moe_capacity", "moe_dropless")]
+    per_rank = launch(moe_layer_runs, 2, cases, timeout=120)
+    for case, (r0, r1) in zip(cases, zip(*per_rank)):
+        layer = MoELayer(D, case["cfg"]).to(DTYPE)
+        layer.load_state_dict(case["state"])
+        layer.backend = "reference"
+        with torch.no_grad():
+            ys = [layer(x) for x in case["x"]]
+        assert close(torch.cat([r0["y"], r1["y"]]), torch.cat(ys))
+        assert r0["expert_idx"].shape == (case["x"][0].shape[0], case["cfg"].top_k)
+        assert r0["comm"]["calls"]["dispatch"] == 1
+    assert sum(r["dropped"] for r in (per_rank[0][0], per_rank[1][0])) > 0  # the capacity case came first
 
 
 # --- the launcher ----------------------------------------------------------------------------------

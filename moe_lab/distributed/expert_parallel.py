@@ -183,7 +183,7 @@ class ExpertParallelMoE(nn.Module):
         self.experts = ExpertParallelExperts.from_full(layer.w1, layer.w3, layer.w2, group,
                                                        local_backend or layer.backend)
         self.aux_loss: Tensor = torch.zeros(())
-        self._last_routing: Optional[Routing] = None
+        self.last_routing: Optional[Routing] = None
 
     @property
     def comm(self) -> CommStats:
@@ -192,7 +192,7 @@ class ExpertParallelMoE(nn.Module):
     @property
     def last_stats(self) -> Optional[RoutingStats]:
         """Load per expert (this rank's tokens only), dropped assignments, entropy: as MoELayer's."""
-        return None if self._last_routing is None else routing_stats(self._last_routing, self.cfg.n_experts)
+        return None if self.last_routing is None else routing_stats(self.last_routing, self.cfg.n_experts)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -202,7 +202,7 @@ class ExpertParallelMoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(xf)
         self.aux_loss = routing.aux_loss
-        self._last_routing = Routing(routing.expert_idx.detach(), routing.weights.detach(), routing.probs.detach(),
+        self.last_routing = Routing(routing.expert_idx.detach(), routing.weights.detach(), routing.probs.detach(),
                                      routing.logits.detach(), routing.aux_loss.detach())
         return y.reshape(shape)
 

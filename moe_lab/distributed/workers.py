@@ -6,6 +6,8 @@ to the parent in rank order.
 
 - run_cases: the test-suite's batch of cases (raw expert-parallel back-end and whole MoE layers);
   one launch runs them all, since starting processes costs more than the checks themselves.
+- moe_layer_runs: whole MoE layers built by the parent (weights, each rank's tokens and output
+  gradients), run expert-parallel; the parent compares them with one process (notebook 09).
 - moe_layer_check: one MoE layer, expert-parallel against the single-process layer, forward and
   backward, with the bytes each rank moved (notebook 09 and `python -m moe_lab.distributed`).
 - fail_on_rank, sleep_on_rank: a rank that raises, a rank that hangs (the launcher's own tests).
@@ -62,7 +64,7 @@ def _moe_case(rank: int, world_size: int, case: dict) -> dict:
     return {"y": y.detach(), "grad_x": x.grad, "grad_w1": ep.experts.w1.grad, "grad_w3": ep.experts.w3.grad,
             "grad_w2": ep.experts.w2.grad, "replicated": replicated, "dropped": ep.last_stats.dropped,
             "gathered_w1": ep.experts.gather_full()[0], "expert_bias": ep.router.expert_bias.clone(),
-            "comm": _comm_dict(ep.comm)}
+            "expert_idx": ep.last_routing.expert_idx.clone(), "comm": _comm_dict(ep.comm)}
 
 
 def _error_messages(rank: int, world_size: int) -> dict:
@@ -99,6 +101,19 @@ def run_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
         else:
             raise ValueError(f"case kind={case['kind']!r}: expected 'experts', 'moe' or 'errors'")
     return results
+
+
+def moe_layer_runs(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """Notebook 09: MoE layers given by the parent, run expert-parallel, forward and backward.
+
+    Each case is a dict with cfg (MoEConfig), d_model, dtype, state (the layer's state_dict, the same
+    for every rank), x and grad_y (lists with one (T_r, d_model) tensor per rank) and optionally
+    local_backend. Rank r runs x[r] through the layer's expert-parallel copy, backpropagates
+    sum(y * grad_y[r]) + aux_loss and sums the replicated gradients over the ranks. Returns, per
+    case, this rank's y, grad_x, expert-shard gradients (grad_w1, grad_w3, grad_w2), replicated
+    gradients, routing (expert_idx, -1 = dropped), dropped count and bytes moved (comm).
+    """
+    return [_moe_case(rank, world_size, case) for case in cases]
 
 
 def _gather(t: Tensor, group=None) -> Tensor:
