@@ -124,7 +124,8 @@ def train(model: torch.nn.Module, batches: BatchFn, cfg: TrainConfig, progress: 
     return hist
 
 
-def train_course_model(preset_name: str, out: Optional[str] = None, progress: bool = True, device: str = "cpu"):
+def train_course_model(preset_name: str, out: Optional[str] = None, progress: bool = True, device: str = "cpu",
+                       steps: Optional[int] = None, seed: Optional[int] = None):
     """The course's own training command: the preset's MoE on the course mixture, evaluated by exact
     match on held-out problems, saved (with its config and figures) when `out` is given."""
     import datetime
@@ -137,13 +138,16 @@ def train_course_model(preset_name: str, out: Optional[str] = None, progress: bo
     from moe_lab.model import Transformer
     from moe_lab.runtime import seed_everything
 
+    from dataclasses import replace
+
     p = preset(preset_name)
+    p.train = replace(p.train, steps=steps or p.train.steps, seed=p.train.seed if seed is None else seed)
     seed_everything(p.train.seed)
     model = Transformer(p.moe).to(device)
     batches = batch_fn(course_mixture(), p.train.batch_size, p.train.seq_len, seed=p.train.seed, device=device)
     hist = train(model, batches, p.train, progress=progress, desc=f"moe ({preset_name})")
     acc = exact_match(model, course_task(), n=500)
-    extra = {"preset": preset_name, "steps": p.train.steps, "val_loss": hist.final_val_loss,
+    extra = {"preset": preset_name, "steps": p.train.steps, "seed": p.train.seed, "val_loss": hist.final_val_loss,
              "heldout_exact_match": acc, "train_seconds": round(hist.time[-1], 1), "task": "add, 2 digits, reversed",
              "command": "python -m moe_lab.train " + " ".join(sys.argv[1:]), "torch": torch.__version__,
              "date": datetime.date.today().isoformat()}
@@ -160,6 +164,8 @@ if __name__ == "__main__":
     ap.add_argument("--preset", default="cpu", choices=["ci", "cpu", "gpu"])
     ap.add_argument("--out", default=None, help="checkpoint path, e.g. data/checkpoints/moe_cpu.pt")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
+    ap.add_argument("--seed", type=int, default=None, help="override the preset's seed")
     args = ap.parse_args()
-    _, _, figures = train_course_model(args.preset, args.out, device=args.device)
+    _, _, figures = train_course_model(args.preset, args.out, device=args.device, steps=args.steps, seed=args.seed)
     print(json.dumps(figures, indent=2))
