@@ -1,0 +1,102 @@
+"""The MoE expert path in Triton (notebook 06): the `triton` back-end of moe_lab.model.experts.
+
+It computes what `experts_reference` computes (SwiGLU experts, Shazeer 2020; top-k routing as in
+Switch / GShard / DeepSeekMoE):
+
+    y[t] = sum_j weights[t, j] * (silu(x[t] @ w1[e]) * (x[t] @ w3[e])) @ w2[e],   e = expert_idx[t, j]
+
+in four steps, each in its own module:
+
+    1. moe_routing.moe_align     sort the T*top_k assignments by expert, pad each expert to blocks
+                                 (torch ops on the device)
+    2. moe_gemm.moe_up           grouped GEMM, gathers token rows, x@w1 and x@w3 together, SwiGLU
+    3. moe_gemm.moe_down         grouped GEMM h@w2, routing weight in the epilogue, combined per token
+                                 in a fixed order (deterministic) or with atomics
+    4. moe_backward              gradients of x, weights, w1, w3, w2 over the same layout
+
+`MoEExpertsFunction` ties them into autograd; `experts_triton` is the back-end's entry point.
+
+Memory traffic, N = routed assignments (about T * top_k): the `sorted` torch back-end writes and reads
+back a permuted copy of x (N x d), a1, a3 and h (N x f each, plus silu's output), and the expert
+outputs (N x d) before index_add. The kernels gather x's rows inside the up GEMM (no copy), keep a1
+and a3 in registers unless training needs them, and write one (N x d) buffer that the combine reads
+once: at inference h (N x f) is the only intermediate that goes through memory besides that buffer.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+from moe_lab.kernels import INTERPRETED, check_device, check_dtype_supported
+from moe_lab.kernels.moe_backward import moe_experts_backward
+from moe_lab.kernels.moe_gemm import moe_combine, moe_down, moe_up, pick_block_m
+from moe_lab.kernels.moe_routing import MoEAlignment, moe_align, moe_align_reference
+from moe_lab.model.experts import check_expert_inputs
+
+Combine = Literal["ordered", "atomic"]
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    """Autograd for the Triton expert path. Saves x, the routing, the weights and the forward's
+    (max_rows, f) buffers h, a1 = x@w1, a3 = x@w3 (3 * rows * f elements), so the backward
+    recomputes nothing."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor,
+                block_m: int, combine: str) -> Tensor:
+        align = moe_align(expert_idx, w1.shape[0], block_m)
+        training = any(ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5))
+        h, a1, a3 = moe_up(x, w1, w3, align, save_preact=training)  # (max_rows, f) each
+        y = moe_down(h, w2, weights, expert_idx, align, combine=combine)  # (T, d)
+        if training:
+            ctx.save_for_backward(x, expert_idx, weights, w1, w3, w2, h, a1, a3,
+                                  align.counts, align.offsets, align.sorted_ids, align.block_expert)
+            ctx.layout = (align.block_m, align.top_k, align.n_assignments)
+            ctx.combine = combine
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, expert_idx, weights, w1, w3, w2, h, a1, a3, counts, offsets, sorted_ids, block_expert = ctx.saved_tensors
+        block_m, top_k, n_assignments = ctx.layout
+        align = MoEAlignment(counts, offsets, sorted_ids, block_expert, block_m, top_k, n_assignments)
+        n = ctx.needs_input_grad
+        dx, dweights, dw1, dw3, dw2 = moe_experts_backward(
+            dy, x, expert_idx, weights, w1, w3, w2, h, a1, a3, align,
+            needs=(n[0], n[2], n[3], n[4], n[5]), combine=ctx.combine,
+        )
+        return dx, None, dweights, dw1, dw3, dw2, None, None
+
+
+def experts_triton(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, *,
+                   block_m: Optional[int] = None, combine: Combine = "ordered") -> Tensor:
+    """The `triton` expert back-end: same contract as moe_lab.model.experts.experts_reference.
+
+    x (T, d), expert_idx (T, top_k) with -1 = dropped, weights (T, top_k), w1 and w3 (E, d, f),
+    w2 (E, f, d); returns (T, d) in x's dtype, differentiable in x, weights, w1, w3 and w2.
+    x and the expert weights share one dtype: float32 or float16 anywhere, bfloat16 on a GPU only.
+    block_m: rows per block of the sorted layout (default `pick_block_m`; >= 16 when compiled).
+    combine: "ordered" sums each token's expert outputs in a fixed order (the same bits every run);
+    "atomic" adds them with atomics (no (T*top_k, d) buffer, but the rounding varies run to run).
+    """
+    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}: x and the expert weights must share a dtype")
+    check_dtype_supported(x=x, weights=weights, w1=w1, w3=w3, w2=w2)
+    check_device(x=x, expert_idx=expert_idx, weights=weights, w1=w1, w3=w3, w2=w2)
+    if combine not in ("ordered", "atomic"):
+        raise ValueError(f"combine={combine!r}: expected 'ordered' or 'atomic'")
+    T, top_k = expert_idx.shape
+    E = w1.shape[0]
+    if block_m is None:
+        block_m = pick_block_m(T * top_k, E)
+    elif block_m < 1 or block_m & (block_m - 1) or (block_m < 16 and not INTERPRETED):
+        raise ValueError(f"block_m must be a power of two (>= 16 when compiled: tl.dot's minimum); got {block_m}")
+    return MoEExpertsFunction.apply(x, expert_idx, weights, w1, w3, w2, block_m, combine)
+
+
+__all__ = ["MoEAlignment", "MoEExpertsFunction", "experts_triton", "moe_align", "moe_align_reference",
+           "moe_combine", "moe_down", "moe_experts_backward", "moe_up", "pick_block_m"]
