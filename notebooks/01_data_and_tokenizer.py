@@ -12,8 +12,6 @@
 # ---
 
 # %% [markdown]
-
-# %% [markdown]
 # # 01 · Data: a tokenizer, verifiable tasks and a text corpus
 #
 # A language model sees integers. This notebook turns text into tokens, builds the course's

@@ -12,8 +12,6 @@
 # ---
 
 # %% [markdown]
-
-# %% [markdown]
 # # 02 · A dense transformer from scratch
 #
 # Build the four pieces of a modern decoder (RMSNorm, rotary position embeddings, causal attention

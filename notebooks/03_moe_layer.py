@@ -12,8 +12,6 @@
 # ---
 
 # %% [markdown]
-
-# %% [markdown]
 # # 03 · The Mixture-of-Experts layer
 #
 # Replace the transformer's feed-forward with many experts and a router that sends each token to a

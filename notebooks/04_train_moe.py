@@ -12,8 +12,6 @@
 # ---
 
 # %% [markdown]
-
-# %% [markdown]
 # # 04 · Train an MoE transformer, and compare it with a dense one honestly
 #
 # Put the MoE layer of notebook 03 into the transformer of notebook 02 and train it next to a dense

@@ -72,3 +72,9 @@ def test_torch_and_triton_are_not_pinned_above():
         spec = next(d for d in deps if d.startswith(name)).split(";")[0]
         assert "<" not in spec and "==" not in spec, spec
     assert any("platform_system == 'Linux'" in d for d in deps if d.startswith("triton"))
+
+
+@pytest.mark.parametrize("py", PAIRS, ids=lambda p: p.name)
+def test_no_empty_cells(py):
+    for cell in jupytext.read(py).cells:
+        assert cell.source.strip(), f"{py.name} has an empty {cell.cell_type} cell"
