@@ -132,7 +132,6 @@ def check_capacity(apply_capacity: Callable) -> None:
     exp_idx, exp_w = router.apply_capacity(idx, w, 3, 2)
     got_idx, got_w = apply_capacity(idx.clone(), w.clone(), 3, 2)
     if not torch.equal(got_idx, exp_idx):
-        naive = idx.clone()
         if torch.equal(got_idx.eq(-1).sum(), exp_idx.eq(-1).sum()):
             raise CheckFailed(f"check_capacity: the right number of assignments is dropped but not the right ones: serve "
                               f"all first choices (in token order) before any second choice.\n got {got_idx.tolist()}\n"

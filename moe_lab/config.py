@@ -113,7 +113,7 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             _fail("ModelConfig", "n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2:
-            _fail("ModelConfig", "n_heads", self.n_heads, f"a head size d_model/n_heads that is even (RoPE rotates pairs)")
+            _fail("ModelConfig", "n_heads", self.n_heads, "a head size d_model/n_heads that is even (RoPE rotates pairs)")
         _choice(self, "ffn", ("dense", "moe"))
         if not isinstance(self.n_dense_layers, int) or not 0 <= self.n_dense_layers <= self.n_layers:
             _fail("ModelConfig", "n_dense_layers", self.n_dense_layers, f"an integer in [0, n_layers={self.n_layers}]")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
 
 from moe_lab.config import TrainConfig
 

@@ -10,7 +10,7 @@ import torch
 
 from moe_lab import runtime
 from moe_lab.checkpoint import load_checkpoint, save_checkpoint
-from moe_lab.config import ModelConfig, MoEConfig, TrainConfig, dense_twin, preset
+from moe_lab.config import ModelConfig, MoEConfig, TrainConfig, preset
 from moe_lab.model.layers import CausalSelfAttention, RMSNorm, apply_rope, rope_tables
 from moe_lab.model.transformer import Transformer
 from moe_lab.train import evaluate, lr_at, train

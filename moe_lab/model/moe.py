@@ -51,6 +51,5 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(xf)
         self.aux_loss = routing.aux_loss
-        self.last_routing = Routing(routing.expert_idx.detach(), routing.weights.detach(), routing.probs.detach(),
-                                     routing.logits.detach(), routing.aux_loss.detach())
+        self.last_routing = routing.detach()
         return y.reshape(shape)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -76,6 +75,10 @@ class Routing:
     probs: Tensor  # (T, E) router probabilities (sigmoid affinities normalised to sum 1)
     logits: Tensor  # (T, E) raw gate outputs
     aux_loss: Tensor  # scalar: coefficient-weighted balance loss + z-loss (0 when off)
+
+    def detach(self) -> "Routing":
+        """A copy cut from the autograd graph (kept by layers for plots and statistics)."""
+        return Routing(*(t.detach() for t in (self.expert_idx, self.weights, self.probs, self.logits, self.aux_loss)))
 
 
 @dataclass
