@@ -96,7 +96,7 @@ wins = sum(m < d for m, d in zip(moe_h.val_loss, dense_h.val_loss))
 print(f"MoE lower at {wins} of {len(moe_h.val_loss)} evaluations; final {moe_h.final_val_loss:.3f} vs dense {dense_h.final_val_loss:.3f}")
 print(f"time per step: MoE {moe_h.time[-1] / len(moe_h.step) * 1000:.0f} ms vs dense {dense_h.time[-1] / len(dense_h.step) * 1000:.0f} ms")
 assert moe_h.final_val_loss < dense_h.final_val_loss  # per step, the MoE wins at equal active parameters
-assert moe_h.time[-1] > dense_h.time[-1]  # ... and pays for dispatch in wall-clock time
+# (the wall-clock comparison is shown, not asserted: timings depend on what else the machine is doing)
 
 # %% [markdown]
 # ## 4. Expert load, with and without balancing
@@ -195,8 +195,11 @@ print(f"forward + backward: MoE with a loop over experts {t_ref * 1000:.0f} ms, 
 moe.set_backend(p.moe.moe.backend)
 
 # %% [markdown]
-# The remaining gap to the dense model is the motivation for notebooks 05–07: fuse the gather, the
-# expert matmuls with their SwiGLU, and the weighted combine into a few Triton kernels.
+# At this teaching size the loop and the sorted back-end cost about the same: each expert's matmul
+# is tiny, and the step is dominated by overheads (indexing, many small kernel calls) that neither
+# removes. Both stay well behind the dense model. That gap is the motivation for notebooks 05–07:
+# fuse the gather, the expert matmuls with their SwiGLU, and the weighted combine into a few Triton
+# kernels, and measure where the time goes.
 #
 # ## 7. Exact match on held-out problems, and the checkpoint for GRPO
 #
@@ -241,7 +244,7 @@ else:  # e.g. on Colab, where the package is installed without the repository's 
 # %% [markdown]
 # ## Summary
 # - At equal active parameters the MoE reaches a lower validation loss per step than the dense model.
-# - Per second it pays for dispatch; the sorted back-end already beats the loop, and kernels will do better.
+# - Per second it pays for dispatch: at this size neither the loop nor the sorted back-end closes the gap; fused kernels are next.
 # - DeepSeek-V3's bias rule keeps expert load balanced without an auxiliary loss.
 # - Experts specialise: kinds of characters concentrate on particular experts.
 # - The trained model solves held-out additions and is saved for GRPO (notebook 08).
