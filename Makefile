@@ -22,6 +22,8 @@ MOE_LAB_FAST ?= 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moe-lab-installed
 UNAME := $(shell uname -s)
+# JupyterLab refuses to run as root (containers, some cloud VMs) unless told it may
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 
 .PHONY: lab test setup notebooks clean help
 
@@ -44,7 +46,7 @@ endif
 	@$(BIN)/python -c "import moe_lab, torch; print('moe-lab', moe_lab.__version__, '| torch', torch.__version__)"
 
 lab: setup
-	cd notebooks && ../$(BIN)/jupyter lab $(LAB_ARGS)
+	cd notebooks && ../$(BIN)/jupyter lab $(ALLOW_ROOT) $(LAB_ARGS)
 
 test: setup
 	MPLBACKEND=Agg MOE_LAB_FAST=$(MOE_LAB_FAST) $(BIN)/python -m pytest -v -p no:cacheprovider \
