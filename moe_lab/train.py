@@ -147,7 +147,7 @@ def train_course_model(preset_name: str, out: Optional[str] = None, progress: bo
     hist = train(model, batches, p.train, progress=progress, desc=f"moe ({preset_name})")
     acc = exact_match(model, course_task(), n=500)
     extra = {"preset": preset_name, "steps": p.train.steps, "seed": p.train.seed, "val_loss": hist.final_val_loss,
-             "heldout_exact_match": acc, "train_seconds": round(hist.time[-1], 1), "task": "add, 2 digits, reversed",
+             "heldout_exact_match": acc, "train_seconds": round(hist.time[-1], 1), "task": "held-out 3-digit addition, reversed answers (trained on 1-3-digit operands)",
              "command": "python -m moe_lab.train " + " ".join(sys.argv[1:]), "torch": torch.__version__,
              "date": datetime.date.today().isoformat()}
     if out:

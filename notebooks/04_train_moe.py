@@ -24,7 +24,7 @@
 # - which tokens each expert prefers
 # - the wall-clock price of dispatching tokens to experts: the motivation for the kernels of 05–07
 #
-# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~4 min · GPU: not yet measured.
+# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~3 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -58,7 +58,9 @@ assert abs(moe_active - dense_active) / dense_active < 0.05  # equal active size
 # %% [markdown]
 # ## 2. Train all three on the same batches
 #
-# Data: Python source and 2-digit additions (notebook 01), drawn 40 / 60. Each model sees exactly
+# Data: Python source and additions (notebook 01), drawn 40 / 60. The additions mix operands of
+# 1, 2 and 3 digits equally (`course_training_task()`): short problems are learned first and carry
+# the model towards long ones. Each model sees exactly
 # the same batches (same seed). Training times exclude evaluation.
 
 # %%
@@ -203,8 +205,9 @@ moe.set_backend(p.moe.moe.backend)
 #
 # ## 7. Exact match on held-out problems, and the checkpoint for GRPO
 #
-# Greedy answers to 300 held-out additions the model never saw. Notebook 08 starts from this
-# model, so save it (atomically, with its config beside it).
+# Greedy answers to 300 held-out **3-digit** additions (`course_task()`, the family GRPO will use),
+# whose operand pairs the model never saw. Notebook 08 starts from this model, so save it
+# (atomically, with its config beside it).
 
 # %%
 from pathlib import Path
@@ -247,7 +250,7 @@ else:  # e.g. on Colab, where the package is installed without the repository's 
 # - Per second it pays for dispatch: at this size neither the loop nor the sorted back-end closes the gap; fused kernels are next.
 # - DeepSeek-V3's bias rule keeps expert load balanced without an auxiliary loss.
 # - Experts specialise: kinds of characters concentrate on particular experts.
-# - The trained model solves held-out additions and is saved for GRPO (notebook 08).
+# - The trained model solves most held-out 3-digit additions, leaving room for GRPO (notebook 08), and is saved.
 #
 # ## Papers and further reading
 # - Fedus, Zoph, Shazeer. *Switch Transformers* (2021): quality per step vs per second.

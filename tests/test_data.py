@@ -395,3 +395,19 @@ def test_batch_fn_val_batches_do_not_disturb_training_batches():
     a1, a2 = plain("train"), plain("train")
     b1, _, b2 = interleaved("train"), interleaved("val"), interleaved("train")
     assert torch.equal(a1.x, b1.x) and torch.equal(a2.x, b2.x)
+
+
+def test_mixed_lengths_draws_each_operand_length_equally_and_keeps_the_split():
+    mixed = ArithmeticTask(op="add", n_digits=3, mixed_lengths=True)
+    plain = ArithmeticTask(op="add", n_digits=3)
+    rng = random.Random(0)
+    problems = [mixed.sample(rng) for _ in range(3000)]
+    lengths = [len(str(p.a)) for p in problems]
+    for L in (1, 2, 3):
+        assert abs(lengths.count(L) / len(lengths) - 1 / 3) < 0.04
+    short = sum(len(str(p.a)) == 1 for p in (plain.sample(rng) for _ in range(3000)))
+    assert short / 3000 < 0.03  # without mixing, one-digit operands are rare (1 %)
+    for p in problems:  # the held-out split is a property of the pair, shared by both tasks
+        assert not plain.is_heldout(p.a, p.b)
+    held = mixed.problems(200, "heldout", seed=1)
+    assert all(plain.is_heldout(p.a, p.b) for p in held)

@@ -3,7 +3,8 @@ Python-stdlib text corpus, and batches that mix them.
 
     from moe_lab.data import TOKENIZER, ArithmeticTask, TextSource, TaskSource, Mixture, load_corpus
 """
-from moe_lab.data.batches import Batch, Mixture, TaskSource, TextSource, batch_fn, course_mixture, course_task
+from moe_lab.data.batches import (Batch, Mixture, TaskSource, TextSource, batch_fn, course_mixture, course_task,
+                                   course_training_task)
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER, CharTokenizer
 
@@ -19,5 +20,5 @@ def load_corpus(name: str = "python_stdlib") -> str:
     return corpus.load_corpus(name)
 
 
-__all__ = ["Batch", "Mixture", "TaskSource", "TextSource", "batch_fn", "course_mixture", "course_task",
+__all__ = ["Batch", "Mixture", "TaskSource", "TextSource", "batch_fn", "course_mixture", "course_task", "course_training_task",
            "load_corpus", "ArithmeticTask", "Problem", "TOKENIZER", "CharTokenizer"]

@@ -177,8 +177,18 @@ def batch_fn(mixture: Mixture, batch_size: int, seq_len: int, seed: int = 0, dev
 
 
 def course_task() -> ArithmeticTask:
-    """The task notebooks 02, 04 and 08 share: 2-digit addition with reversed answers."""
-    return ArithmeticTask(op="add", n_digits=2)
+    """The task family notebooks 04 and 08 evaluate (and GRPO rewards): 3-digit addition, reversed answers."""
+    return ArithmeticTask(op="add", n_digits=3)
+
+
+def course_training_task() -> ArithmeticTask:
+    """What notebook 04 trains on: additions whose operands have 1, 2 or 3 digits, equally often.
+
+    Short problems are learned first and carry the model to the long ones (a curriculum by mixture).
+    The held-out split is a property of the operand pair, so held-out 3-digit pairs of course_task()
+    are never trained on.
+    """
+    return ArithmeticTask(op="add", n_digits=3, mixed_lengths=True)
 
 
 def course_mixture(task: Optional[ArithmeticTask] = None, code_weight: float = 0.4) -> Mixture:
@@ -187,6 +197,6 @@ def course_mixture(task: Optional[ArithmeticTask] = None, code_weight: float = 0
 
     if not 0 <= code_weight <= 1:
         raise ValueError(f"code_weight={code_weight}: expected a number in [0, 1]")
-    task = task or course_task()
+    task = task or course_training_task()
     return Mixture({"code": TextSource(load_corpus()), "arith": TaskSource(task)},
                    {"code": code_weight, "arith": 1 - code_weight})

@@ -59,12 +59,15 @@ class ArithmeticTask:
         n_digits: the most digits of each operand, 1..6: the difficulty knob.
         reverse_answer: write the answer least-significant digit first (see the module docstring).
         heldout_fraction: the share of operand pairs kept out of training, in (0, 1).
+        mixed_lengths: draw each operand's number of digits uniformly from 1..n_digits first, so
+            short and long problems are equally common (with False, almost all operands are long).
     """
 
     op: Literal["add", "mul"] = "mul"  # which operation
     n_digits: int = 2  # digits of each operand: 2 gives 23*47 (10,000 pairs)
     reverse_answer: bool = True  # answer digits least-significant first (carry order)
     heldout_fraction: float = 0.1  # share of operand pairs never used for training
+    mixed_lengths: bool = False  # operand lengths uniform in 1..n_digits: a spread of difficulties
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -115,11 +118,16 @@ class ArithmeticTask:
         share = self.heldout_fraction if want_heldout else 1 - self.heldout_fraction
         hi = 10**self.n_digits
         for _ in range(math.ceil(50 / share)):
-            a, b = rng.randrange(hi), rng.randrange(hi)
+            a, b = (self._operand(rng), self._operand(rng)) if self.mixed_lengths else (rng.randrange(hi), rng.randrange(hi))
             if self.is_heldout(a, b) == want_heldout:
                 return self.make(a, b)
         raise RuntimeError(f"no {split} pair found for {self}: its {hi}x{hi} operand pairs hold too few "
                            f"{split} pairs (change heldout_fraction or n_digits)")
+
+    def _operand(self, rng: random.Random) -> int:
+        """An operand whose number of digits is uniform in 1..n_digits (0-9 count as one digit)."""
+        length = rng.randint(1, self.n_digits)
+        return rng.randrange(0 if length == 1 else 10 ** (length - 1), 10**length)
 
     def problems(self, n: int, split: str = "heldout", seed: int = 0) -> list[Problem]:
         """n problems of a split, the same for the same seed: an evaluation set."""
