@@ -112,13 +112,16 @@ plt.show()
 #
 # ## 5. What will run here
 #
-# | notebook | CPU (2 cores) | GPU |
+# | notebook | CPU (2 cores), measured with MOE_LAB_MODE=cpu | GPU |
 # |---|---|---|
-# | 01 data and tokenizer | yes, seconds | yes |
-# | 02 dense transformer | yes, a few minutes | yes, full size |
-# | 03 MoE layer | yes, a minute | yes |
-# | 04 train an MoE | yes, about 5 minutes | yes, full size |
-# | 05–06 Triton kernels | through the interpreter, small shapes | compiled, bf16 |
+# | 01 data and tokenizer | yes, under 10 s | yes |
+# | 02 dense transformer | yes, about 35 s | yes, full size |
+# | 03 MoE layer | yes, under 10 s | yes |
+# | 04 train an MoE | yes, about 3 minutes | yes, full size |
+# | 05–06 Triton kernels | through the interpreter, small shapes, about 20 s each | compiled, bf16 |
+# | 09 expert parallelism | 2 and 4 CPU processes (gloo), about 15 s | NCCL with 2+ GPUs |
+#
+# GPU times are not yet measured.
 #
 # ## Summary
 # - `moe_lab.runtime.setup()` decides mode, device, dtype and seeds everything; one line says what it chose.

@@ -120,6 +120,13 @@ axes[2].set_ylabel("max load / mean load")
 axes[2].set_title("imbalance (1 = perfect)")
 axes[2].legend()
 plt.show()
+from moe_lab.plots import plot_expert_load
+
+fig, axes = plt.subplots(1, 2, figsize=(12, 2.5))
+for ax, name in zip(axes, ("moe, no balancing", "moe")):
+    last = torch.stack(histories[name].load[-50:]).sum(0)  # (layers, E): the last 50 steps
+    plot_expert_load(last, ax=ax, title=f"{name}: load per layer, last 50 steps")
+plt.show()
 tail = len(moe_h.step) // 2
 imb_none = imbalance_curve(histories["moe, no balancing"])[tail:].mean()
 imb_bias = imbalance_curve(histories["moe"])[tail:].mean()

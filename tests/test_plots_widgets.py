@@ -1,0 +1,84 @@
+"""The router explorer's logic, imbalance arithmetic, and that every plot labels its axes.
+
+Run: MPLBACKEND=Agg .venv/bin/python -m pytest tests/test_plots_widgets.py -q
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moe_lab import plots  # noqa: E402
+from moe_lab.train import History  # noqa: E402
+from moe_lab.widgets import explore_routing, router_explorer  # noqa: E402
+
+
+def test_skew_concentrates_load_and_bias_spreads_it():
+    even = explore_routing(skew=0.0)
+    skewed = explore_routing(skew=3.0, router="sigmoid")
+    balanced = explore_routing(skew=3.0, router="sigmoid", bias_steps=200, bias_rate=0.01)
+    assert int(even["load"].sum()) == 256 * 2 and even["dropped"] == 0
+    assert skewed["imbalance"] > even["imbalance"]
+    assert int(skewed["load"].argmax()) == 0  # the favourite is expert 0
+    assert balanced["imbalance"] < skewed["imbalance"] - 0.5
+    assert balanced["bias"][0] < 0 < balanced["bias"][1:].max()
+
+
+def test_capacity_caps_every_expert_and_counts_drops():
+    res = explore_routing(skew=3.0, capacity_factor=1.0)
+    assert res["capacity"] == 64  # ceil(1.0 * 256 * 2 / 8)
+    assert int(res["load"].max()) <= 64
+    assert int(res["load"].sum()) + res["dropped"] == 256 * 2 and res["dropped"] > 0
+
+
+def test_router_explorer_is_a_widget_over_the_function():
+    w = router_explorer()
+    assert {c.description for c in w.children if hasattr(c, "description")} >= {"experts", "top-k", "router", "skew"}
+    plt.close("all")
+
+
+def make_history(steps=20, layers=2, E=4):
+    h = History()
+    g = torch.Generator().manual_seed(0)
+    for s in range(steps):
+        h.step.append(s)
+        h.train_loss.append(2.0 - s * 0.05)
+        h.time.append(0.1 * (s + 1))
+        h.lr.append(1e-3)
+        h.load.append(torch.randint(1, 10, (layers, E), generator=g))
+        if (s + 1) % 5 == 0:
+            h.eval_step.append(s + 1)
+            h.eval_time.append(0.1 * (s + 1))
+            h.val_loss.append(2.0 - s * 0.04)
+    return h
+
+
+def test_imbalance_curve_is_max_over_mean():
+    h = make_history()
+    curve = plots.imbalance_curve(h, layer=1)
+    load = torch.stack(h.load).float()[:, 1]
+    np.testing.assert_allclose(curve, (load.max(-1).values / load.mean(-1)).numpy(), rtol=1e-6)
+    assert (plots.imbalance_curve(h) >= 1).all()
+
+
+@pytest.mark.parametrize("draw", [
+    lambda h: plots.plot_loss_curves({"a": h, "b": h}, x="step"),
+    lambda h: plots.plot_loss_curves({"a": h}, x="time"),
+    lambda h: plots.plot_expert_load(torch.stack(h.load).sum(0)),
+    lambda h: plots.plot_load_over_time(h, layer=1),
+    lambda h: plots.plot_routing_map(torch.tensor([[0, 1], [2, -1], [3, 0]]), 4, tokens=list("ab\n")),
+])
+def test_plots_label_their_axes(draw):
+    ax = draw(make_history())
+    assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    plt.close("all")
+
+
+def test_plot_errors_are_clear():
+    with pytest.raises(ValueError, match="x='epoch'"):
+        plots.plot_loss_curves({}, x="epoch")
+    with pytest.raises(ValueError, match="no expert load"):
+        plots.plot_load_over_time(History())
