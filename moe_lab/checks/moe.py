@@ -1,91 +1,15 @@
-"""Checkers for the notebooks' "check yourself" cells.
-
-Each checker runs a learner's implementation on small random inputs against the course's
-reference and either prints a one-line success or raises CheckFailed explaining what is wrong:
-the shape, the values (where and by how much), or the gradient. tests/test_checks.py proves every
-checker fails on plausible wrong answers.
-"""
+"""Checkers for notebook 03 (the MoE layer): top-k router, Switch aux loss, capacity, expert back-end."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from moe_lab.model import layers, router
-
-
-class CheckFailed(AssertionError):
-    """Raised by a checker: the message says what is wrong and what was expected."""
+from moe_lab.checks.common import CheckFailed, _compare, _ok, checker
+from moe_lab.model import router
 
 
-def _ok(name: str) -> None:
-    print(f"✅ {name}: correct")
-
-
-def _compare(name: str, got, expected, atol: float = 1e-5, rtol: float = 1e-4, what: str = "output") -> None:
-    if not isinstance(got, torch.Tensor):
-        raise CheckFailed(f"{name}: the {what} should be a torch.Tensor, got {type(got).__name__}")
-    if got.shape != expected.shape:
-        raise CheckFailed(f"{name}: the {what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
-    if not torch.isfinite(got.float()).all():
-        raise CheckFailed(f"{name}: the {what} contains NaN or inf")
-    diff = (got.float() - expected.float()).abs()
-    bad = diff > atol + rtol * expected.float().abs()
-    if bad.any():
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        raise CheckFailed(f"{name}: the {what} is wrong at index {where}: got {got[where].item():.6g}, expected "
-                          f"{expected[where].item():.6g} ({int(bad.sum())} of {bad.numel()} values differ; "
-                          f"largest error {diff.max().item():.3g})")
-
-
-def check_rmsnorm(rmsnorm: Callable) -> None:
-    """rmsnorm(x, weight, eps) -> x / sqrt(mean(x^2, last dim) + eps) * weight."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(3, 5, 8, generator=g) * 3, torch.rand(8, generator=g) + 0.5
-    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
-    got = rmsnorm(x, w, 1e-5)
-    if isinstance(got, torch.Tensor) and got.shape == x.shape:
-        centred = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5) * w
-        if torch.allclose(got, centred, atol=1e-5):
-            raise CheckFailed("check_rmsnorm: this is LayerNorm (it subtracts the mean); RMSNorm only divides by the root mean square")
-    _compare("check_rmsnorm", got, expected)
-    _ok("check_rmsnorm")
-
-
-def check_rope(apply_rope: Callable) -> None:
-    """apply_rope(x (B, H, T, hd), cos (T, hd/2), sin (T, hd/2)) rotates interleaved pairs."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 10, 8, generator=g)
-    cos, sin = layers.rope_tables(8, 10)
-    got = apply_rope(x, cos, sin)
-    expected = layers.apply_rope(x, cos, sin)
-    if isinstance(got, torch.Tensor) and got.shape == x.shape:
-        if not torch.allclose(got.norm(dim=-1), x.norm(dim=-1), atol=1e-4):
-            raise CheckFailed("check_rope: a rotation keeps every vector's length, yours changes it: check the signs "
-                              "(x1*cos - x2*sin, x1*sin + x2*cos)")
-    _compare("check_rope", got, expected)
-    _ok("check_rope")
-
-
-def check_swiglu(swiglu: Callable) -> None:
-    """swiglu(x, w1, w3, w2) -> (silu(x @ w1) * (x @ w3)) @ w2, with gradients."""
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 8, generator=g, requires_grad=True)
-    w1, w3, w2 = (torch.randn(*s, generator=g) for s in [(8, 12), (8, 12), (12, 8)])
-    expected = (F.silu(x @ w1) * (x @ w3)) @ w2
-    got = swiglu(x, w1, w3, w2)
-    if isinstance(got, torch.Tensor) and got.shape == expected.shape:
-        if torch.allclose(got, (F.silu(x @ w3) * (x @ w1)) @ w2, atol=1e-5):
-            raise CheckFailed("check_swiglu: w1 and w3 are swapped: the gate silu(.) applies to x @ w1")
-        if torch.allclose(got, (torch.relu(x @ w1) * (x @ w3)) @ w2, atol=1e-5):
-            raise CheckFailed("check_swiglu: that is ReGLU: use silu(z) = z * sigmoid(z), not relu")
-    _compare("check_swiglu", got, expected)
-    if not got.requires_grad:
-        raise CheckFailed("check_swiglu: the output carries no gradient: did you detach or use .data / numpy?")
-    _ok("check_swiglu")
-
-
+@checker
 def check_topk_router(route: Callable) -> None:
     """route(logits (T, E), k) -> (expert_idx (T, k), weights (T, k)): top-k of softmax, renormalised."""
     g = torch.Generator().manual_seed(3)
@@ -107,6 +31,7 @@ def check_topk_router(route: Callable) -> None:
     _ok("check_topk_router")
 
 
+@checker
 def check_switch_aux_loss(aux_loss: Callable) -> None:
     """aux_loss(probs (T, E), expert_idx (T, k), n_experts) -> E * sum_i f_i * P_i."""
     g = torch.Generator().manual_seed(4)
@@ -125,6 +50,7 @@ def check_switch_aux_loss(aux_loss: Callable) -> None:
     _ok("check_switch_aux_loss")
 
 
+@checker
 def check_capacity(apply_capacity: Callable) -> None:
     """apply_capacity(expert_idx (T, k), weights, n_experts, capacity) -> (idx with -1, weights with 0)."""
     idx = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 0], [2, 0]])
@@ -142,6 +68,7 @@ def check_capacity(apply_capacity: Callable) -> None:
     _ok("check_capacity")
 
 
+@checker
 def check_expert_backend(experts: Callable) -> None:
     """experts(x, expert_idx, weights, w1, w3, w2) agrees with moe_lab's reference, gradients included."""
     from moe_lab.model.experts import experts_reference

@@ -1,0 +1,50 @@
+"""What every checker shares: the CheckFailed error, the success line, and tensor comparison."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+
+class CheckFailed(AssertionError):
+    """Raised by a checker: the message says what is wrong and what was expected."""
+
+
+def _ok(name: str) -> None:
+    print(f"✅ {name}: correct")
+
+
+def call(name: str, fn: Callable, *args, **kwargs):
+    """Call a learner's function; a stub still raising NotImplementedError becomes a plain CheckFailed."""
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as e:
+        raise CheckFailed(f"{name}: not implemented yet ({e})") from None
+
+
+def checker(fn: Callable) -> Callable:
+    """Decorate a checker: a learner's stub (NotImplementedError) is reported as 'not implemented yet'."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NotImplementedError as e:
+            raise CheckFailed(f"{fn.__name__}: not implemented yet ({e})") from None
+    return wrapped
+
+
+def _compare(name: str, got, expected, atol: float = 1e-5, rtol: float = 1e-4, what: str = "output") -> None:
+    if not isinstance(got, torch.Tensor):
+        raise CheckFailed(f"{name}: the {what} should be a torch.Tensor, got {type(got).__name__}")
+    if got.shape != expected.shape:
+        raise CheckFailed(f"{name}: the {what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    if not torch.isfinite(got.float()).all():
+        raise CheckFailed(f"{name}: the {what} contains NaN or inf")
+    diff = (got.float() - expected.float()).abs()
+    bad = diff > atol + rtol * expected.float().abs()
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckFailed(f"{name}: the {what} is wrong at index {where}: got {got[where].item():.6g}, expected "
+                          f"{expected[where].item():.6g} ({int(bad.sum())} of {bad.numel()} values differ; "
+                          f"largest error {diff.max().item():.3g})")
