@@ -93,3 +93,106 @@ def plot_routing_map(expert_idx, n_experts: int, tokens: Optional[Sequence[str]]
         ax.set_xticks(range(len(tokens)), labels=[repr(t)[1:-1] for t in tokens], fontsize=7)
     ax.set_title(title)
     return ax
+
+
+def plot_roofline(peak_flops: float, bandwidth: float, points: Sequence[dict] = (), ax=None, title: Optional[str] = None,
+                  unit: str = "TFLOP/s", roof_label: str = "measured roofline", intensity_range=None, **line_kw):
+    """Roofline (Williams et al. 2009), log-log: attainable FLOP/s = min(peak, intensity * bandwidth).
+
+    peak_flops in FLOP/s, bandwidth in bytes/s. points: dicts with "intensity" (FLOP/byte), "flops"
+    (achieved FLOP/s), "label" and optionally "marker"/"color". unit: "TFLOP/s" or "GFLOP/s".
+    Call again with the same ax to draw a second roof (e.g. a recorded GPU beside this CPU)."""
+    from moe_lab.profiling import ridge_point, roofline
+
+    scale = {"TFLOP/s": 1e12, "GFLOP/s": 1e9}.get(unit)
+    if scale is None:
+        raise ValueError(f"unit={unit!r}: expected 'TFLOP/s' or 'GFLOP/s'")
+    ax = _axes(ax, figsize=(6.5, 4))
+    ridge = ridge_point(peak_flops, bandwidth)
+    lo, hi = intensity_range or (ridge / 100, ridge * 100)
+    for p in points:
+        lo, hi = min(lo, p["intensity"] / 2), max(hi, p["intensity"] * 2)
+    xs = np.geomspace(lo, hi, 200)
+    line = ax.plot(xs, roofline(xs, peak_flops, bandwidth) / scale, label=f"{roof_label} (ridge {ridge:.3g} FLOP/B)",
+                   **{"color": "k", "lw": 1.5, **line_kw})[0]
+    ax.axvline(ridge, color=line.get_color(), ls=":", lw=0.8)
+    for i, p in enumerate(points):
+        ax.scatter(p["intensity"], p["flops"] / scale, marker=p.get("marker", "o"), color=p.get("color", f"C{i % 10}"),
+                   label=p["label"], zorder=3, s=p.get("size", 30))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
+    ax.set_ylabel(f"attained {unit}")
+    ax.set_title(title or "roofline")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_bench_tokens(record: dict, shape: str, mode: str = "forward", ax=None, metric: str = "tflops"):
+    """A bench record (data/bench/*.json): `metric` ("tflops" or "gbps") against tokens for each
+    back-end, log-log, titled with the device and date it was recorded on."""
+    from moe_lab.profiling import ok_results, record_label
+
+    if metric not in ("tflops", "gbps"):
+        raise ValueError(f"metric={metric!r}: expected 'tflops' or 'gbps'")
+    rows = ok_results(record, shape=shape, **{"pass": mode})
+    if not rows:
+        raise ValueError(f"the record from {record.get('device')} has no successful {mode} results for shape={shape!r}")
+    ax = _axes(ax, figsize=(6.5, 3.8))
+    for i, backend in enumerate(dict.fromkeys(r["backend"] for r in rows)):
+        pts = sorted((r["tokens"], r[metric]) for r in rows if r["backend"] == backend)
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", ms=3, color=f"C{i}", label=backend,
+                ls="--" if backend == "dense" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s (weights + activations)")
+    ax.set_title(f"{shape}, {mode}: {record_label(record)}", fontsize=9)
+    ax.legend(fontsize=7)
+    return ax
+
+
+BACKEND_MARKERS = {"reference": "v", "sorted": "s", "triton": "*", "grouped_mm": "D", "dense": "o"}
+
+
+def bench_points(rows, with_tokens: bool = True) -> list[dict]:
+    """Roofline points (see plot_roofline) of successful bench rows: intensity and attained FLOP/s."""
+    names = list(BACKEND_MARKERS)
+    return [dict(label=f"{r['backend']}, {r['shape']} T={r['tokens']}" if with_tokens else r["backend"],
+                 intensity=r["intensity"], flops=r["flops"] / (r["ms"] * 1e-3),
+                 marker=BACKEND_MARKERS.get(r["backend"], "o"),
+                 color=f"C{names.index(r['backend']) if r['backend'] in names else 9}")
+            for r in rows if r["status"] == "ok"]
+
+
+def plot_bench_record(record: dict, shape: Optional[str] = None, live_rows=(), live_ceilings=None):
+    """A recorded bench file in three panels: TFLOP/s against tokens (forward, forward+backward), and
+    its roofline with the points at its largest token count; `live_rows` measured here (with their
+    `live_ceilings`, a profiling.Ceilings) are drawn on the same roofline, in grey, for comparison.
+    Every panel names the device and date of the recording. Returns the figure."""
+    from moe_lab.profiling import ok_results, record_label
+
+    if shape is None:
+        shape = "fine" if ok_results(record, shape="fine") else record["results"][0]["shape"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+    for ax, mode in zip(axes[:2], ("forward", "forward+backward")):
+        if ok_results(record, shape=shape, **{"pass": mode}):
+            plot_bench_tokens(record, shape, mode, ax=ax)
+        else:
+            ax.set_axis_off()
+            ax.set_title(f"{shape}, {mode}: not in this record", fontsize=9)
+    c = record.get("ceilings") or {}
+    fwd = ok_results(record, shape=shape, **{"pass": "forward"})
+    if c and fwd:
+        most = max(r["tokens"] for r in fwd)
+        plot_roofline(c["peak_flops"], c["bandwidth"], bench_points([r for r in fwd if r["tokens"] == most], False),
+                      ax=axes[2], roof_label=record_label(record), title=f"{shape}, forward, {most} tokens")
+    else:
+        axes[2].set_axis_off()
+        axes[2].set_title("no ceilings or forward results in this record", fontsize=9)
+    live = [r for r in live_rows if r["status"] == "ok"]
+    if live and live_ceilings is not None and axes[2].axison:
+        plot_roofline(live_ceilings.peak_flops, live_ceilings.bandwidth, bench_points(live), ax=axes[2],
+                      roof_label=f"live here: {live_ceilings.device[:32]}", title=axes[2].get_title(), color="0.6")
+    fig.tight_layout()
+    return fig

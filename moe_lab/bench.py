@@ -1,0 +1,417 @@
+"""`python -m moe_lab.bench`: time the expert back-ends against the measured roofline.
+
+Back-ends (same function, moe_lab.model.experts): `reference` (loop over experts), `sorted` (permute
+once, one matmul per expert), `triton` (the kernels of notebook 06), `grouped_mm` (the `sorted`
+layout on `torch._grouped_mm`, where this torch has it), and `dense`: one matmul of the same FLOPs,
+(T*k, d) @ (d, 3f), the ceiling a grouped GEMM aims for.
+
+Shapes: `tiny` (the cpu preset's layer), `teaching` (the gpu preset's layer), `mixtral` (Mixtral-8x7B
+like: d=4096, f=14336, E=8, k=2) and `fine` (DeepSeek/Qwen-like fine-grained experts: d=2048, f=768,
+E=128, k=8). Tokens sweep from 128 to 32768 on a GPU, so the move from memory-bound (few tokens per
+expert: each weight byte serves few rows) to compute-bound shows. Forward (under no_grad) and
+forward+backward. Per case: ms, TFLOP/s, GB/s of the bytes any implementation must move (weights of
+active experts plus activations), and the fractions of the measured ceilings.
+
+    python -m moe_lab.bench --quick            # CPU / CI: small shapes, seconds; writes runs/bench/
+    python -m moe_lab.bench --record           # GPU: the full sweep; also writes data/bench/<device>.json
+    python -m moe_lab.bench --shapes fine --tokens 8192,32768 --backends triton,grouped_mm,dense
+
+Where files go: always `--out` (default runs/bench/<device>[-quick].json, git-ignored); with
+`--record` also data/bench/<device>.json (committed: the recorded figures notebook 07 plots). Run it
+from the repository root. On a CPU the full sweep is refused (hours on 2 cores) unless
+--allow-large-on-cpu; `--quick` on a CPU skips `triton`, whose interpreter times Python, not kernels,
+and uses one thread (`--threads` to change it).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_lab import profiling as P
+from moe_lab.model.experts import check_expert_inputs, experts_reference, experts_sorted, sort_by_expert
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One expert layer's sizes."""
+
+    d_model: int  # d: token width
+    d_expert: int  # f: hidden width of one expert
+    n_experts: int  # E: routed experts
+    top_k: int  # k: experts per token
+    about: str  # where the shape comes from
+
+
+def _preset_shape(name: str) -> LayerShape:
+    from moe_lab.config import preset
+
+    m = preset(name).moe
+    return LayerShape(m.d_model, m.moe.d_expert, m.moe.n_experts, m.moe.top_k, f"the course's {name} preset layer")
+
+
+SHAPES = {
+    "tiny": _preset_shape("cpu"),
+    "teaching": _preset_shape("gpu"),
+    "mixtral": LayerShape(4096, 14336, 8, 2, "Mixtral-8x7B-like"),
+    "fine": LayerShape(2048, 768, 128, 8, "fine-grained, DeepSeek/Qwen-like"),
+}
+LARGE_SHAPES = ("mixtral", "fine")
+BACKENDS = ("reference", "sorted", "triton", "grouped_mm", "dense")
+FULL_TOKENS = (128, 512, 2048, 8192, 16384, 32768)
+QUICK = {  # (shapes, tokens) per device type for --quick
+    "cpu": (("tiny", "teaching"), (32, 128, 512)),
+    "cuda": (("teaching", "fine"), (128, 2048)),
+}
+FULL_SHAPES = ("fine", "teaching", "mixtral")  # the fine-grained layer first: it carries the targets
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch._grouped_mm back-end
+# ----------------------------------------------------------------------------------------------
+def experts_grouped_mm(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """The `sorted` layout with each projection as one `torch._grouped_mm` call over all experts."""
+    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
+    order, token_of, counts = sort_by_expert(expert_idx, w1.shape[0])
+    offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+    xs = x[token_of]  # (N, d) token copies grouped by expert
+    h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N, f)
+    out = torch._grouped_mm(h, w2, offs=offs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N, d)
+    return torch.zeros_like(x).index_add(0, token_of, out)  # (T, d)
+
+
+def grouped_mm_status(device, dtype: torch.dtype) -> Optional[str]:
+    """None when torch._grouped_mm runs here (checked with a tiny call), else the reason it does not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"not available in this torch ({torch.__version__} has no torch._grouped_mm)"
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(32, 16, generator=g).to(device, dtype)
+        b = torch.randn(3, 16, 16, generator=g).to(device, dtype)
+        offs = torch.tensor([8, 8, 32], dtype=torch.int32, device=device)
+        out = torch._grouped_mm(a, b, offs=offs)
+        want = torch.cat([a[:8] @ b[0], a[8:] @ b[2]])
+        if not torch.allclose(out.float(), want.float(), rtol=5e-2, atol=5e-2):
+            return "not available in this torch (a test call returned wrong values)"
+    except Exception as err:  # a CPU build or an old GPU may refuse
+        return f"not available in this torch on {torch.device(device).type}/{str(dtype).replace('torch.', '')}: " \
+               f"{str(err).splitlines()[0][:120]}"
+    return None
+
+
+def backend_status(name: str, device, dtype: torch.dtype) -> Optional[str]:
+    """None when back-end `name` can run here, else why not."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r}: expected one of {BACKENDS}")
+    if name == "grouped_mm":
+        return grouped_mm_status(device, dtype)
+    if name == "triton":
+        try:
+            import moe_lab.kernels.moe  # noqa: F401
+            from moe_lab.kernels import check_dtype_supported
+            check_dtype_supported(x=torch.empty(0, dtype=dtype))
+        except (ImportError, RuntimeError, TypeError) as err:
+            return f"not available: {str(err).splitlines()[0][:160]}"
+    return None
+
+
+def expert_fn(name: str):
+    if name == "reference":
+        return experts_reference
+    if name == "sorted":
+        return experts_sorted
+    if name == "grouped_mm":
+        return experts_grouped_mm
+    if name == "triton":
+        from moe_lab.kernels.moe import experts_triton
+        return experts_triton
+    raise ValueError(f"backend={name!r} is not an expert back-end")
+
+
+# ----------------------------------------------------------------------------------------------
+# One case
+# ----------------------------------------------------------------------------------------------
+def make_inputs(shape: LayerShape, tokens: int, device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Random activations, a random top-k routing (softmax of Gaussian logits, renormalised) and
+    weights scaled like an initialised layer."""
+    d, f, E, k = shape.d_model, shape.d_expert, shape.n_experts, shape.top_k
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g, device=device, dtype=dtype)
+    probs = torch.randn(tokens, E, generator=g, device=device).softmax(-1)
+    w, idx = probs.topk(k, dim=-1)  # (T, k)
+    w = (w / w.sum(-1, keepdim=True)).to(dtype)
+    w1 = torch.randn(E, d, f, generator=g, device=device, dtype=dtype) * d**-0.5
+    w3 = torch.randn(E, d, f, generator=g, device=device, dtype=dtype) * d**-0.5
+    w2 = torch.randn(E, f, d, generator=g, device=device, dtype=dtype) * f**-0.5
+    active = int(torch.unique(idx).numel())
+    return dict(x=x, expert_idx=idx, weights=w, w1=w1, w3=w3, w2=w2, active=active)
+
+
+def _case_fn(backend: str, mode: str, inp: dict, shape: LayerShape):
+    """(fn to time, tensors whose .grad is reset before each run)."""
+    tokens = inp["x"].shape[0]
+    dev, dt = inp["x"].device, inp["x"].dtype
+    if backend == "dense":
+        m, kk, n = P.dense_equal_flops_shape(tokens, shape.d_model, shape.d_expert, shape.top_k)
+        g = torch.Generator(device=dev).manual_seed(1)
+        a = torch.randn(m, kk, generator=g, device=dev, dtype=dt)
+        b = torch.randn(kk, n, generator=g, device=dev, dtype=dt) * kk**-0.5
+        if mode == "forward":
+            return (lambda: a @ b), []
+        a.requires_grad_(), b.requires_grad_()
+        dc = torch.randn(m, n, generator=g, device=dev, dtype=dt)
+        return (lambda: (a @ b).backward(dc)), [a, b]
+    fn = expert_fn(backend)
+    args = [inp[n] for n in ("x", "expert_idx", "weights", "w1", "w3", "w2")]
+    if mode == "forward":
+        def fwd():
+            with torch.no_grad():
+                return fn(*args)
+        return fwd, []
+    leaves = [t.detach().clone().requires_grad_() for t in (args[0], args[2], args[3], args[4], args[5])]
+    x, w, w1, w3, w2 = leaves
+    dy = torch.randn(tokens, shape.d_model, generator=torch.Generator(device=dev).manual_seed(2), device=dev, dtype=dt)
+    return (lambda: fn(x, args[1], w, w1, w3, w2).backward(dy)), leaves
+
+
+def case_model(shape: LayerShape, tokens: int, backend: str, mode: str, itemsize: int, active: float) -> dict:
+    """FLOPs and bytes of one case from the models of moe_lab.profiling."""
+    d, f, E, k = shape.d_model, shape.d_expert, shape.n_experts, shape.top_k
+    if backend == "dense":
+        m, kk, n = P.dense_equal_flops_shape(tokens, d, f, k)
+        fl = P.matmul_flops(m, kk, n) * (1 if mode == "forward" else 3)
+        by = P.matmul_bytes(m, kk, n, itemsize, mode)
+        weights = kk * n * itemsize * (1 if mode == "forward" else 3)
+        return dict(flops=fl, weight_bytes=weights, min_bytes=by, model_bytes=by)
+    fl = P.moe_flops(tokens, d, f, k, mode)
+    minimal = P.moe_bytes(tokens, d, f, E, k, itemsize, "minimal", mode, active_experts=active)
+    model = P.moe_bytes(tokens, d, f, E, k, itemsize, backend, mode, active_experts=active)
+    return dict(flops=fl, weight_bytes=minimal["weights"], min_bytes=minimal["total"], model_bytes=model["total"])
+
+
+def _max_rel_diff(a: Tensor, b: Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def measure_case(shape_name: str, tokens: int, backend: str, mode: str, device, dtype: torch.dtype,
+                 ceilings: Optional[P.Ceilings], inp: dict, expected: Optional[Tensor] = None,
+                 warmup: int = 1, repeats: int = 5, note: str = "") -> dict:
+    """Time one (shape, tokens, back-end, pass) and return its result row (see profiling.RESULT_KEYS)."""
+    shape = SHAPES[shape_name]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    row = dict(shape=shape_name, tokens=tokens, d_model=shape.d_model, d_expert=shape.d_expert,
+               n_experts=shape.n_experts, top_k=shape.top_k, backend=backend, **{"pass": mode},
+               dtype=str(dtype).replace("torch.", ""), active_experts=inp["active"], status="ok", note=note,
+               ms=None, tflops=None, gbps=None)
+    row.update(case_model(shape, tokens, backend, mode, itemsize, inp["active"]))
+    try:
+        fn, leaves = _case_fn(backend, mode, inp, shape)
+        if expected is not None and backend != "dense" and mode == "forward":
+            err = _max_rel_diff(fn(), expected)
+            if err > (1e-4 if dtype == torch.float32 else 3e-2):
+                row.update(status="error", note=f"output differs from `sorted` by {err:.1e} (relative): not timed")
+                return row
+        ms = P.bench_ms(fn, device, warmup=warmup, repeats=repeats, grad_to_none=leaves)
+    except Exception as err:  # one failing back-end must not stop the sweep
+        row.update(status="error", note=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        return row
+    sec = ms * 1e-3
+    row.update(ms=ms, tflops=row["flops"] / sec / 1e12, gbps=row["min_bytes"] / sec / 1e9,
+               intensity=P.arithmetic_intensity(row["flops"], row["min_bytes"]))
+    if ceilings is not None:
+        bound = P.roofline(row["intensity"], ceilings.peak_flops, ceilings.bandwidth)
+        row.update(roofline_tflops=bound / 1e12, frac_roofline=row["flops"] / sec / bound,
+                   frac_peak_flops=row["flops"] / sec / ceilings.peak_flops,
+                   frac_copy_bw_weights=row["weight_bytes"] / sec / ceilings.bandwidth)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------
+def run(shapes, tokens, backends, passes, device, dtype: torch.dtype, ceilings: Optional[P.Ceilings],
+        warmup: int = 1, repeats: int = 5, budget_s: Optional[float] = None, progress: bool = True,
+        notes: Optional[dict] = None) -> list[dict]:
+    """Every (shape, tokens, back-end, pass); back-ends that cannot run here get a 'skipped' row with
+    the reason. Stops starting new cases after budget_s seconds ('skipped' rows say so)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    status = {b: backend_status(b, device, dtype) for b in backends}
+    notes = notes or {}
+    cases = [(s, t, b, p) for s in shapes for t in tokens for b in backends for p in passes]
+    results, t_start, inputs_key, inp, expected = [], time.perf_counter(), None, None, None
+    bar = tqdm(cases, desc="bench", disable=not progress, file=sys.stderr)
+    for s, t, b, p in bar:
+        bar.set_postfix_str(f"{s} T={t} {b} {p}")
+        base = dict(shape=s, tokens=t, d_model=SHAPES[s].d_model, d_expert=SHAPES[s].d_expert,
+                    n_experts=SHAPES[s].n_experts, top_k=SHAPES[s].top_k, backend=b, **{"pass": p},
+                    dtype=str(dtype).replace("torch.", ""), ms=None, flops=None, tflops=None,
+                    weight_bytes=None, min_bytes=None, gbps=None)
+        if status[b] is not None:
+            results.append({**base, "status": "skipped", "note": status[b]})
+            continue
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            results.append({**base, "status": "skipped", "note": f"time budget of {budget_s:.0f} s reached"})
+            continue
+        if inputs_key != (s, t):  # new inputs: free the old ones first
+            inp = expected = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            inp, inputs_key = make_inputs(SHAPES[s], t, device, dtype), (s, t)
+            with torch.no_grad():
+                expected = experts_sorted(inp["x"], inp["expert_idx"], inp["weights"], inp["w1"], inp["w3"], inp["w2"])
+        results.append(measure_case(s, t, b, p, device, dtype, ceilings, inp, expected, warmup, repeats,
+                                    note=notes.get(b, "")))
+    return results
+
+
+def check_targets(results: list[dict], ceilings: Optional[P.Ceilings]) -> list[dict]:
+    """The course's targets (set for an H100 in bf16), computed from measured rows only: no row, no
+    verdict. The bench computes them for GPU runs only."""
+    def best(backend, mode, shape="fine", tmin=8192, tmax=32768):
+        rows = [r for r in results if r["status"] == "ok" and r["backend"] == backend and r["pass"] == mode
+                and r["shape"] == shape and tmin <= r["tokens"] <= tmax]
+        return {r["tokens"]: r for r in rows}
+
+    out = []
+    for mode, threshold in (("forward", 400.0), ("forward+backward", 330.0)):
+        for t, r in best("triton", mode).items():
+            out.append(dict(target=f"fine-grained triton {mode} >= {threshold:.0f} TFLOP/s", tokens=t,
+                            value=r["tflops"], threshold=threshold, met=r["tflops"] >= threshold))
+        for other, threshold in (("grouped_mm", 1.0), ("dense", 0.8)):
+            ref = best(other, mode)
+            for t, r in best("triton", mode).items():
+                if t in ref:
+                    ratio = ref[t]["ms"] / r["ms"]
+                    out.append(dict(target=f"fine-grained triton {mode} >= {threshold:.1f}x {other}", tokens=t,
+                                    value=ratio, threshold=threshold, met=ratio >= threshold))
+    if ceilings is not None:
+        for r in results:
+            if (r["status"] == "ok" and r["backend"] == "triton" and r["pass"] == "forward"
+                    and r.get("intensity", float("inf")) < ceilings.ridge):
+                v = r["frac_copy_bw_weights"]
+                out.append(dict(target=f"memory-bound {r['shape']} triton forward >= 60% of copy bandwidth on weight bytes",
+                                tokens=r["tokens"], value=v, threshold=0.6, met=v >= 0.6))
+    return out
+
+
+def build_record(results: list[dict], ceilings: Optional[P.Ceilings], device, dtype, mode: str,
+                 command: Optional[str] = None, notes: Optional[list] = None) -> dict:
+    rec = P.environment_record(device, command)
+    rec.update(schema=1, mode=mode, dtype=str(dtype).replace("torch.", ""),
+               shapes={n: vars(SHAPES[n]) for n in sorted({r["shape"] for r in results})},
+               ceilings=None if ceilings is None else ceilings.as_dict(), notes=list(notes or []),
+               targets=check_targets(results, ceilings) if torch.device(device).type == "cuda" else [],
+               results=results)
+    return rec
+
+
+def _csv(text: str, allowed, what: str, conv=str) -> list:
+    items = [conv(v.strip()) for v in text.split(",") if v.strip()]
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if bad or not items:
+        raise SystemExit(f"--{what} {text!r}: expected a comma-separated list from {tuple(allowed)}")
+    return items
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moe_lab.bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes and few token counts (CPU, CI)")
+    ap.add_argument("--shapes", help=f"comma list from {tuple(SHAPES)}")
+    ap.add_argument("--tokens", help="comma list of token counts")
+    ap.add_argument("--backends", help=f"comma list from {BACKENDS}")
+    ap.add_argument("--passes", default="forward,forward+backward", help="forward and/or forward+backward")
+    ap.add_argument("--out", help="JSON output (default runs/bench/<device>[-quick].json)")
+    ap.add_argument("--record", action="store_true", help="also write data/bench/<device>.json (recorded figures)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    ap.add_argument("--allow-large-on-cpu", action="store_true", help="run the large shapes on a CPU anyway")
+    ap.add_argument("--budget-s", type=float, help="start no new case after this many seconds")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per case on the CPU (a GPU uses do_bench)")
+    ap.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 with --quick on a CPU, where "
+                    "threading overhead dominates small ops and a shared machine makes it erratic; else torch's)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+
+    dev_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    if dev_type == "cpu":  # Triton's interpreter must be chosen before triton is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = torch.device(dev_type)
+    from moe_lab.runtime import pick_dtype
+    dtype = pick_dtype(device)
+    on_cpu = dev_type == "cpu"
+    threads = args.threads if args.threads is not None else (1 if on_cpu and args.quick else None)
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads {threads}: expected a positive number")
+        torch.set_num_threads(threads)
+    if on_cpu and not args.quick and not args.allow_large_on_cpu:
+        raise SystemExit("The full bench (Mixtral-like and fine-grained layers up to 32768 tokens) is for a GPU: on "
+                         "this CPU it would take hours. Run `python -m moe_lab.bench --quick`, or pass "
+                         "--allow-large-on-cpu to run it anyway.")
+    q_shapes, q_tokens = QUICK[dev_type]
+    shapes = _csv(args.shapes, SHAPES, "shapes") if args.shapes else list(q_shapes if args.quick else FULL_SHAPES)
+    tokens = _csv(args.tokens, None, "tokens", int) if args.tokens else list(q_tokens if args.quick else FULL_TOKENS)
+    if any(t < 1 for t in tokens):
+        raise SystemExit(f"--tokens {args.tokens!r}: token counts must be positive")
+    passes = _csv(args.passes, ("forward", "forward+backward"), "passes")
+    large = [s for s in shapes if s in LARGE_SHAPES]
+    if on_cpu and large and not args.allow_large_on_cpu:
+        raise SystemExit(f"--shapes {','.join(large)}: these layers are for a GPU (minutes to hours on a CPU). "
+                         "Pass --allow-large-on-cpu to run them anyway.")
+    notes, row_notes = [], {}
+    if args.backends:
+        backends = _csv(args.backends, BACKENDS, "backends")
+    elif on_cpu:
+        backends = [b for b in BACKENDS if b != "triton"]
+        notes.append("triton: skipped on the CPU (its interpreter times Python and NumPy, not a kernel; notebook 06 "
+                     "checks its correctness). Ask for it with --backends triton.")
+    else:
+        backends = list(BACKENDS)
+    if on_cpu and "triton" in backends:
+        row_notes["triton"] = "Triton interpreter: times Python, not the kernel"
+    for n in notes:
+        print("note:", n)
+
+    slug = P.slugify(P.device_name(device))
+    out = Path(args.out or f"runs/bench/{slug}{'-quick' if args.quick else ''}.json")
+    print(f"device: {P.device_name(device)} | dtype {str(dtype).replace('torch.', '')} | shapes {shapes} | "
+          f"tokens {tokens} | back-ends {backends}")
+    ceilings = P.measure_ceilings(device, dtype)
+    print(f"measured ceilings: matmul {ceilings.peak_flops / 1e12:.3f} TFLOP/s ({ceilings.matmul_n}^3), copy "
+          f"{ceilings.bandwidth / 1e9:.1f} GB/s ({ceilings.copy_bytes >> 20} MiB), ridge {ceilings.ridge:.1f} FLOP/byte")
+    results = run(shapes, tokens, backends, passes, device, dtype, ceilings, warmup=1 if on_cpu else 25,
+                  repeats=args.repeats, budget_s=args.budget_s, progress=not args.no_progress, notes=row_notes)
+    command = " ".join(["python -m moe_lab.bench", *(sys.argv[1:] if argv is None else argv)])
+    record = build_record(results, ceilings, device, dtype, "quick" if args.quick else "full", command, notes)
+    record["cpu_threads"] = torch.get_num_threads()
+    P.validate_record(record)
+    print(P.summarize(results))
+    for t in record["targets"]:
+        print(f"target {t['target']} at {t['tokens']} tokens: {t['value']:.3g} -> {'met' if t['met'] else 'NOT met'}")
+    paths = [out] + ([Path("data/bench") / f"{slug}.json"] if args.record else [])
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a file
+        print(f"wrote {path}")
+    return 0 if any(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

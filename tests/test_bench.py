@@ -1,0 +1,206 @@
+"""moe_lab.bench: the torch._grouped_mm back-end agrees with the reference, each case measures what it
+claims, the targets are computed only from measured rows, the CPU refuses the large shapes, and
+`python -m moe_lab.bench --quick` runs as a subprocess and writes a valid record outside data/bench.
+No timing is asserted.
+
+Run: .venv/bin/python -m pytest tests/test_bench.py -q
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_lab import bench
+from moe_lab import profiling as P
+from moe_lab.model.experts import experts_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_CUDA = not torch.cuda.is_available()
+
+
+def _case(T=19, d=8, f=16, E=5, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    idx[idx == E - 1] = -1  # the last expert gets nothing; those assignments are dropped
+    w = torch.rand(T, k, generator=g, dtype=torch.float64)
+    W = [torch.randn(*s, generator=g, dtype=torch.float64) for s in [(E, d, f), (E, d, f), (E, f, d)]]
+    return x, idx, w, W
+
+
+def test_grouped_mm_backend_matches_reference_outputs_and_gradients():
+    reason = bench.grouped_mm_status("cpu", torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    x, idx, w, W = _case()
+    x, w, W = x.float(), w.float(), [t.float() for t in W]
+    leaves = [t.clone().requires_grad_() for t in (x, w, *W)]
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for fn in (experts_reference, bench.experts_grouped_mm):
+        ls = [t.detach().clone().requires_grad_() for t in leaves]
+        y = fn(ls[0], idx, ls[1], *ls[2:])
+        grads = torch.autograd.grad((y * probe).sum(), ls)
+        outs.append((y.detach(), grads))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_mm_missing_is_reported_not_raised(monkeypatch):
+    monkeypatch.delattr(torch, "_grouped_mm")
+    assert bench.grouped_mm_status("cpu", torch.float32).startswith("not available in this torch")
+    assert bench.backend_status("grouped_mm", "cpu", torch.float32).startswith("not available in this torch")
+    with pytest.raises(ValueError, match="backend='cublas'"):
+        bench.backend_status("cublas", "cpu", torch.float32)
+
+
+def test_case_model_uses_the_profiling_models():
+    s = bench.SHAPES["fine"]
+    assert (s.d_model, s.d_expert, s.n_experts, s.top_k) == (2048, 768, 128, 8)
+    assert (bench.SHAPES["mixtral"].d_model, bench.SHAPES["mixtral"].d_expert) == (4096, 14336)
+    dense = bench.case_model(s, 1024, "dense", "forward", 2, 128)
+    moe = bench.case_model(s, 1024, "triton", "forward", 2, 128)
+    assert dense["flops"] == moe["flops"] == P.moe_flops(1024, 2048, 768, 8)
+    fb = bench.case_model(s, 1024, "dense", "forward+backward", 2, 128)
+    assert fb["flops"] == 3 * dense["flops"]
+    assert moe["weight_bytes"] == 128 * 3 * 2048 * 768 * 2
+    assert moe["min_bytes"] <= moe["model_bytes"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "sorted", "grouped_mm", "dense", "triton"])
+def test_measure_case_returns_a_complete_row(backend):
+    status = bench.backend_status(backend, "cpu", torch.float32)
+    if status is not None:
+        pytest.skip(status)
+    inp = bench.make_inputs(bench.SHAPES["tiny"], 16, "cpu", torch.float32)
+    with torch.no_grad():
+        expected = bench.experts_sorted(*(inp[n] for n in ("x", "expert_idx", "weights", "w1", "w3", "w2")))
+    ceil = P.Ceilings(1e11, 1e10, 64, 1 << 16, "float32", "test")
+    for mode in ("forward", "forward+backward"):
+        row = bench.measure_case("tiny", 16, backend, mode, "cpu", torch.float32, ceil, inp, expected,
+                                 warmup=0, repeats=1)
+        assert row["status"] == "ok", row["note"]
+        assert all(k in row for k in P.RESULT_KEYS)
+        assert row["tflops"] == pytest.approx(row["flops"] / row["ms"] / 1e9)
+        assert row["gbps"] == pytest.approx(row["min_bytes"] / row["ms"] / 1e6)
+        assert 0 < row["frac_roofline"] and row["roofline_tflops"] <= 0.1 + 1e-12
+
+
+def test_a_failing_or_wrong_backend_becomes_an_error_row(monkeypatch):
+    inp = bench.make_inputs(bench.SHAPES["tiny"], 8, "cpu", torch.float32)
+    with torch.no_grad():
+        expected = bench.experts_sorted(*(inp[n] for n in ("x", "expert_idx", "weights", "w1", "w3", "w2")))
+
+    def boom(*args):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench, "expert_fn", lambda name: boom)
+    row = bench.measure_case("tiny", 8, "sorted", "forward", "cpu", torch.float32, None, inp, expected, 0, 1)
+    assert row["status"] == "error" and "kernel exploded" in row["note"] and row["ms"] is None
+    monkeypatch.setattr(bench, "expert_fn", lambda name: lambda *a: experts_reference(*a) * 1.5)
+    row = bench.measure_case("tiny", 8, "sorted", "forward", "cpu", torch.float32, None, inp, expected, 0, 1)
+    assert row["status"] == "error" and "differs from `sorted`" in row["note"]
+
+
+def test_targets_come_only_from_measured_rows():
+    def row(backend, mode, tokens, tflops, shape="fine", **kw):
+        return dict(shape=shape, backend=backend, tokens=tokens, status="ok", tflops=tflops, ms=1000 / tflops,
+                    **{"pass": mode}, **kw)
+
+    rows = [row("triton", "forward", 8192, 420.0), row("grouped_mm", "forward", 8192, 400.0),
+            row("dense", "forward", 8192, 600.0), row("triton", "forward+backward", 16384, 300.0),
+            row("triton", "forward", 2048, 10.0)]  # 2048 tokens: outside the targets' range
+    targets = {(t["target"], t["tokens"]): t for t in bench.check_targets(rows, None)}
+    assert targets[("fine-grained triton forward >= 400 TFLOP/s", 8192)]["met"]
+    assert targets[("fine-grained triton forward >= 1.0x grouped_mm", 8192)]["value"] == pytest.approx(1.05)
+    dense = targets[("fine-grained triton forward >= 0.8x dense", 8192)]
+    assert dense["value"] == pytest.approx(0.7) and not dense["met"]
+    assert not targets[("fine-grained triton forward+backward >= 330 TFLOP/s", 16384)]["met"]
+    assert all(t["tokens"] >= 8192 for t in targets.values())
+    assert bench.check_targets([], None) == []  # nothing measured: no verdict
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the CPU's refusals")
+def test_cpu_refuses_the_large_shapes_unless_asked(capsys):
+    with pytest.raises(SystemExit, match="--quick"):
+        bench.main(["--out", "unused.json"])
+    with pytest.raises(SystemExit, match="allow-large-on-cpu"):
+        bench.main(["--quick", "--shapes", "fine"])
+    with pytest.raises(SystemExit, match="--backends"):
+        bench.main(["--quick", "--backends", "cublas"])
+
+
+def test_bench_quick_runs_as_a_command_and_writes_a_valid_record(tmp_path):
+    out = tmp_path / "quick.json"
+    bench_dir = ROOT / "data" / "bench"
+    before = sorted(bench_dir.glob("*")) if bench_dir.exists() else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "moe_lab.bench", "--quick", "--out", str(out), "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    P.validate_record(rec)
+    assert rec["command"].startswith("python -m moe_lab.bench --quick")
+    assert rec["mode"] == "quick" and rec["ceilings"]["peak_flops"] > 0 and rec["ceilings"]["bandwidth"] > 0
+    backends = {r["backend"] for r in rec["results"]}
+    ok = [r for r in rec["results"] if r["status"] == "ok"]
+    assert {"reference", "sorted", "dense"} <= {r["backend"] for r in ok}
+    assert {r["pass"] for r in ok} == {"forward", "forward+backward"}
+    if NO_CUDA:
+        assert "triton" not in backends and any("triton: skipped on the CPU" in n for n in rec["notes"])
+        assert rec["driver"] == "none (CPU)" and rec["cpu_threads"] == 1
+        assert rec["targets"] == []  # the H100 targets are computed for GPU runs only
+    for r in ok:
+        assert r["tflops"] == pytest.approx(r["flops"] / r["ms"] / 1e9)
+    assert "wrote" in proc.stdout and "TFLOP/s" in proc.stdout
+    assert not (tmp_path / "data").exists()  # --record was not given
+    after = sorted(bench_dir.glob("*")) if bench_dir.exists() else []
+    assert after == before
+
+
+# ---- moe_lab.gpu_suite: everything a GPU session should run, in one call ----------------------------
+def test_gpu_suite_plans_every_step_with_limits(tmp_path):
+    from moe_lab import gpu_suite
+
+    steps = gpu_suite.plan(tmp_path, timeouts={"bench": 300}, device_slug="nvidia-h100-80gb-hbm3")
+    assert [s["name"] for s in steps] == ["tests", "notebooks", "bench"]
+    tests, nbs, bch = steps
+    assert tests["cmd"][2:6] == ["pytest", "-m", "gpu", "tests"]
+    assert nbs["env"]["MOE_LAB_MODE"] == "gpu" and "--nbval-lax" in nbs["cmd"]
+    assert [c for c in nbs["cmd"] if c.endswith(".ipynb")] == [
+        "notebooks/05_triton_basics.ipynb", "notebooks/06_triton_moe_kernels.ipynb", "notebooks/07_profiling.ipynb"]
+    assert "--record" in bch["cmd"] and str(tmp_path / "bench-nvidia-h100-80gb-hbm3.json") in bch["cmd"]
+    assert bch["timeout"] == 300 and bch["cmd"][bch["cmd"].index("--budget-s") + 1] == "240"
+    assert all(s["log"] == str(tmp_path / f"{s['name']}.log") for s in steps)
+    (only,) = gpu_suite.plan(tmp_path, only="notebooks", with_04=True)
+    assert [c for c in only["cmd"] if c.endswith(".ipynb")][0] == "notebooks/04_train_moe.ipynb"
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the refusal without a GPU")
+def test_gpu_suite_refuses_without_cuda(tmp_path, capsys):
+    from moe_lab import gpu_suite
+
+    assert gpu_suite.main(["--out", str(tmp_path / "x")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert gpu_suite.main(["--out", str(tmp_path / "x"), "--only", "bench", "--dry-run"]) == 0
+    assert "moe_lab.bench --record" in capsys.readouterr().out
+
+
+def test_gpu_suite_step_runner_logs_and_enforces_its_limit(tmp_path):
+    from moe_lab import gpu_suite
+
+    ok = gpu_suite.run_step(dict(name="ok", cmd=[sys.executable, "-c", "print('hello')"], env={},
+                                 log=str(tmp_path / "ok.log")), timeout=60)
+    assert ok["status"] == "passed" and ok["returncode"] == 0 and "hello" in (tmp_path / "ok.log").read_text()
+    bad = gpu_suite.run_step(dict(name="bad", cmd=[sys.executable, "-c", "raise SystemExit(3)"], env={},
+                                  log=str(tmp_path / "bad.log")), timeout=60)
+    assert bad["status"] == "failed" and bad["returncode"] == 3
+    slow = gpu_suite.run_step(dict(name="slow", cmd=[sys.executable, "-c", "import time; time.sleep(30)"], env={},
+                                   log=str(tmp_path / "slow.log")), timeout=1)
+    assert slow["status"].startswith("timed out") and slow["returncode"] is None
