@@ -42,3 +42,22 @@ def exact_match(model, task: ArithmeticTask, n: int = 200, seed: int = 1234, spl
     problems = task.problems(n, split, seed)
     completions = solve(model, problems)
     return sum(task.verify(c, p) for c, p in zip(completions, problems)) / n
+
+
+@torch.no_grad()
+def sampled_accuracy(model, task: ArithmeticTask, problems: Sequence[Problem], k: int = 8, temperature: float = 1.0,
+                     generator: Optional[torch.Generator] = None) -> tuple[float, float]:
+    """Sample k answers per problem: (share of samples that are right, pass@k = share of problems with >= 1 right).
+
+    pass@k is what reinforcement learning can harvest: a problem the model sometimes solves gives a
+    group with both right and wrong answers, hence a learning signal; greedy accuracy is what it aims
+    to raise (notebook 08).
+    """
+    if k < 1:
+        raise ValueError(f"sampled_accuracy(k={k}): expected an integer >= 1")
+    if temperature <= 0:
+        raise ValueError(f"sampled_accuracy(temperature={temperature}): expected a number > 0 (0 would be greedy)")
+    repeated = [p for p in problems for _ in range(k)]
+    completions = solve(model, repeated, temperature=temperature, generator=generator)
+    right = torch.tensor([task.verify(c, p) for c, p in zip(completions, repeated)], dtype=torch.float32).view(-1, k)
+    return float(right.mean()), float(right.amax(1).mean())

@@ -243,6 +243,21 @@ def group_advantages(r: Tensor, group_size: int, mode: str = "group", eps: float
     return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred)).flatten()
 
 
+def advantages_by_correct_count(n_correct: Sequence[int], group_size: int, mode: str = "group") -> list[dict]:
+    """The advantage a right and a wrong answer get, for groups with n_correct[i] right answers out of G.
+
+    The plain function behind notebook 08's advantage explorer. Rewards are 1 (right) or 0 (wrong);
+    each row says how hard the update pushes a right answer up and a wrong one down in that group.
+    """
+    if any(not 0 <= n <= group_size for n in n_correct):
+        raise ValueError(f"advantages_by_correct_count: every count must lie in [0, group_size={group_size}], got {list(n_correct)}")
+    r = torch.tensor([[1.0] * n + [0.0] * (group_size - n) for n in n_correct]).flatten()
+    a = group_advantages(r, group_size, mode).view(len(n_correct), group_size)
+    return [{"n_correct": n, "right": float(a[i, 0]) if n > 0 else None,
+             "wrong": float(a[i, -1]) if n < group_size else None, "total_push": float(a[i].abs().sum())}
+            for i, n in enumerate(n_correct)]
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. Token log-probabilities
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 `explore_routing` is the router explorer of notebook 03: given how strongly tokens prefer one
 expert, top-k, the router type, a balancing bias and a capacity factor, it routes a batch of
-random tokens and reports where they went.
+random tokens and reports where they went. `tiling_explorer` (notebook 05) and
+`moe_padding_explorer` (notebook 06) draw the tile and padding arithmetic of `moe_lab.tiling`.
 """
 from __future__ import annotations
 
@@ -83,3 +84,90 @@ def router_explorer():
         bias_steps=W.IntSlider(value=0, min=0, max=300, step=25, description="bias steps"),
         capacity_factor=W.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.25, description="capacity (0=off)"),
     )
+
+
+def tiling_explorer():
+    """Sliders over moe_lab.tiling.matmul_tiling: matrix sizes, block sizes, dtype and pipeline stages,
+    drawn as C's tiles with the counts below (needs ipywidgets, i.e. a notebook). Defaults: the
+    awkward shape notebook 05 checks on a GPU, with the tile intro.matmul uses for 16-bit inputs there."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    from moe_lab.tiling import matmul_tiling, plot_matmul_tiles
+
+    def show(M, N, K, block_m, block_n, block_k, dtype, num_stages):
+        t = matmul_tiling(M, N, K, block_m, block_n, block_k, dtype=dtype, num_stages=num_stages)
+        plot_matmul_tiles(t)
+        plt.show()
+        print(t.summary())
+
+    blocks = [16, 32, 64, 128, 256]
+    return W.interactive(
+        show,
+        M=W.IntSlider(value=1823, min=1, max=4096, description="M"),
+        N=W.IntSlider(value=781, min=1, max=4096, description="N"),
+        K=W.IntSlider(value=517, min=1, max=4096, description="K"),
+        block_m=W.SelectionSlider(options=blocks, value=128, description="BLOCK_M"),
+        block_n=W.SelectionSlider(options=blocks, value=128, description="BLOCK_N"),
+        block_k=W.SelectionSlider(options=blocks, value=64, description="BLOCK_K"),
+        dtype=W.Dropdown(options=["bfloat16", "float16", "float32"], value="bfloat16", description="dtype"),
+        num_stages=W.IntSlider(value=3, min=1, max=5, description="stages"),
+    )
+
+
+def moe_padding_explorer(d: int = 1024, f: int = 512):
+    """Sliders over moe_lab.tiling.grouped_gemm_tiling: random top-k routing of some tokens over some
+    experts, padded to BLOCK_M, drawn per expert with the counts of one up projection (rows, d) @ (d, f)
+    below (needs ipywidgets)."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    from moe_lab.tiling import grouped_gemm_tiling, plot_moe_padding, random_expert_counts
+
+    def show(n_tokens, n_experts, top_k, skew, block_m):
+        top_k = min(top_k, n_experts)
+        counts = random_expert_counts(n_tokens, n_experts, top_k, skew=skew)
+        g = grouped_gemm_tiling(counts, block_m, k=d, n=f, block_n=128)
+        plot_moe_padding(g)
+        plt.show()
+        print(g.summary())
+
+    return W.interactive(
+        show,
+        n_tokens=W.IntSlider(value=512, min=1, max=8192, description="tokens"),
+        n_experts=W.IntSlider(value=64, min=1, max=256, description="experts"),
+        top_k=W.IntSlider(value=6, min=1, max=8, description="top-k"),
+        skew=W.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.25, description="skew"),
+        block_m=W.SelectionSlider(options=[16, 32, 64, 128], value=64, description="BLOCK_M"),
+    )
+
+
+def advantage_explorer(group_size: int = 8, n_groups: int = 4):
+    """Notebook 08: set how many answers of each group are right; see the advantages under each rule.
+
+    A thin layer over moe_lab.grpo.advantages_by_correct_count (tests call that directly).
+    """
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    from moe_lab.grpo import ADVANTAGES, advantages_by_correct_count
+
+    def show(**counts):
+        n_correct = [counts[f"group {i}"] for i in range(n_groups)]
+        fig, axes = plt.subplots(1, len(ADVANTAGES), figsize=(12, 3), sharey=True)
+        for ax, mode in zip(axes, ADVANTAGES):
+            rows = advantages_by_correct_count(n_correct, group_size, mode)
+            x = list(range(n_groups))
+            ax.bar([i - 0.2 for i in x], [r["right"] or 0.0 for r in rows], width=0.4, label="a right answer")
+            ax.bar([i + 0.2 for i in x], [r["wrong"] or 0.0 for r in rows], width=0.4, label="a wrong answer")
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set(xticks=x, xticklabels=[f"{n}/{group_size}" for n in n_correct], xlabel="right answers in the group",
+                   title=f'advantage="{mode}"')
+        axes[0].set_ylabel("advantage")
+        axes[0].legend(fontsize=8)
+        plt.tight_layout()
+        plt.show()
+
+    sliders = {f"group {i}": W.IntSlider(value=v, min=0, max=group_size, description=f"group {i}")
+               for i, v in zip(range(n_groups), [1, group_size // 2, group_size - 1, group_size] + [0] * n_groups)}
+    return W.interact(show, **sliders)

@@ -6,7 +6,7 @@ import torch
 
 from moe_lab.config import MoEConfig, ModelConfig
 from moe_lab.data import ArithmeticTask, TOKENIZER
-from moe_lab.grpo import (GRPOConfig, GRPOTrainer, aggregate, completion_load, format_reward, group_advantages,
+from moe_lab.grpo import (GRPOConfig, GRPOTrainer, advantages_by_correct_count, aggregate, completion_load, format_reward, group_advantages,
                           grpo_loss, kl_k3, rewards, sample_rollouts, token_logprobs)
 from moe_lab.model import Transformer
 
@@ -218,3 +218,34 @@ def test_the_reference_model_is_frozen_and_kl_grows_from_zero():
     assert logs[-1]["kl"] > 0
     assert all(torch.equal(a, b) for a, b in zip(ref_before, trainer.reference.parameters()))
     assert not any(p.requires_grad for p in trainer.reference.parameters())
+
+
+# --- the advantage explorer's plain function, and sampled accuracy ---------------------------------
+def test_advantages_by_correct_count_matches_hand_values():
+    rows = advantages_by_correct_count([0, 1, 4, 8], 8)
+    assert rows[0] == {"n_correct": 0, "right": None, "wrong": 0.0, "total_push": 0.0}
+    assert rows[1]["right"] == pytest.approx(7 ** 0.5, rel=1e-4)  # (1 - 1/8) / sqrt(7/64)
+    assert rows[1]["wrong"] == pytest.approx(-1 / 7 ** 0.5, rel=1e-4)
+    assert rows[2]["right"] == pytest.approx(1.0, rel=1e-4) and rows[3]["total_push"] == 0.0
+    rf = advantages_by_correct_count([8, 0], 8, "batch_mean")
+    assert rf[0]["right"] == pytest.approx(0.5) and rf[1]["wrong"] == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="group_size=8"):
+        advantages_by_correct_count([9], 8)
+
+
+def test_advantage_explorer_builds_headless():
+    from moe_lab import widgets
+
+    w = widgets.advantage_explorer(group_size=4, n_groups=2)
+    assert w is not None
+
+
+def test_sampled_accuracy_counts_pass_at_k():
+    from moe_lab.evaluation import sampled_accuracy
+
+    model = tiny_model()
+    per_sample, pass_k = sampled_accuracy(model, TASK, TASK.problems(5, seed=0), k=4, temperature=1.0,
+                                          generator=torch.Generator().manual_seed(0))
+    assert 0 <= per_sample <= pass_k <= 1
+    with pytest.raises(ValueError, match="temperature"):
+        sampled_accuracy(model, TASK, TASK.problems(2), k=2, temperature=0)
