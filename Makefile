@@ -1,6 +1,7 @@
 # moe-lab: the two commands of the README.
 #   make lab   - create .venv if needed, install the course, open JupyterLab on notebooks/
 #   make test  - the same set-up, then the unit tests and every notebook (nbval)
+#   make exercises - regenerate the learner notebooks notebooks/exercises/*.ipynb from the solutions
 #
 # Variables you may set on the command line:
 #   TORCH="torch==2.13.0"   which torch to install when .venv has none. Examples:
@@ -25,10 +26,10 @@ UNAME := $(shell uname -s)
 # JupyterLab refuses to run as root (containers, some cloud VMs) unless told it may
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 
-.PHONY: lab test setup notebooks clean help
+.PHONY: lab test setup notebooks exercises clean help
 
 help:
-	@sed -n '2,16p' Makefile
+	@sed -n '2,14p' Makefile
 
 setup: $(STAMP)
 
@@ -51,11 +52,17 @@ lab: setup
 test: setup
 	MPLBACKEND=Agg MOE_LAB_FAST=$(MOE_LAB_FAST) $(BIN)/python -m pytest -v -p no:cacheprovider \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
-		tests notebooks $(PYTEST_ARGS)
+		tests notebooks --ignore=notebooks/exercises $(PYTEST_ARGS)
 
-# Regenerate every notebook's .ipynb (no outputs) from its py:percent source.
+# Regenerate every notebook's .ipynb (no outputs) from its py:percent source, and the learner versions.
 notebooks: setup
 	@for f in notebooks/[0-9][0-9]_*.py; do $(BIN)/jupytext --quiet --to ipynb "$$f"; done
+	@$(BIN)/python -m moe_lab.exercises
+
+# Regenerate the learner versions (solution regions replaced by "your turn" stubs); the tests fail
+# when the committed ones differ from what this writes.
+exercises: setup
+	@$(BIN)/python -m moe_lab.exercises
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

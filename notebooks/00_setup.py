@@ -14,6 +14,8 @@
 # %% [markdown]
 # # 00 · Setup: what will run here, and how fast
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/00_setup.ipynb)
+#
 # Before building anything, find out what this machine can do: CPU or GPU, which dtype, whether
 # Triton kernels run compiled or through the interpreter, and how fast a matrix multiply is.
 #
@@ -67,6 +69,25 @@ assert runtime.pick_dtype(torch.device("cuda"), (7, 5)) == torch.float16
 assert runtime.pick_dtype(torch.device("cpu")) == torch.float32
 
 # %% [markdown]
+# **Exercise: the dtype policy.** Write it yourself. Given a device type (`"cpu"` or `"cuda"`) and,
+# for a GPU, its compute capability `(major, minor)`, return the compute dtype. bf16 arrived with
+# Ampere, capability 8.0; a T4 is 7.5, an RTX 4090 8.9.
+
+# %%
+from moe_lab import checks
+
+
+def my_pick_dtype(device_type, capability=None):
+    # BEGIN SOLUTION
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+    # END SOLUTION
+
+
+checks.check_dtype_policy(my_pick_dtype)  # the same rule as moe_lab.runtime.pick_dtype
+
+# %% [markdown]
 # ## 3. Triton: compiled or interpreted
 #
 # Triton compiles Python kernels for GPUs. Without a GPU, its **interpreter** (`TRITON_INTERPRET=1`,
@@ -84,8 +105,22 @@ assert rt.triton_interpret == (not rt.on_gpu)
 # %% [markdown]
 # ## 4. How fast is a matrix multiply here?
 #
-# A matmul of two n×n matrices costs 2n³ floating-point operations. Timing it gives this machine's
-# practical ceiling: every later FLOP/s figure in the course is read against it.
+# Timing a matrix multiply gives this machine's practical ceiling: every later FLOP/s figure in the
+# course is read against it. First count its work. **Exercise**: an (m × k) matrix times a (k × n) one
+# computes m·n dot products of length k. Count one multiply-add as 2 floating-point operations
+# (FLOPs), and write the number of FLOPs of the product.
+
+# %%
+def matmul_flops(m, n, k):
+    # BEGIN SOLUTION
+    return 2 * m * n * k
+    # END SOLUTION
+
+
+checks.check_matmul_flops(matmul_flops)  # the same as moe_lab.kernels.intro.matmul_flops
+
+# %% [markdown]
+# So two n×n matrices cost 2n³ FLOPs. Time them at a few sizes:
 
 # %%
 sizes = {"gpu": [1024, 2048, 4096, 8192], "cpu": [128, 256, 512, 1024], "ci": [64, 128, 256]}[rt.mode]

@@ -14,6 +14,8 @@
 # %% [markdown]
 # # 01 · Data: a tokenizer, verifiable tasks and a text corpus
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/01_data_and_tokenizer.ipynb)
+#
 # A language model sees integers. This notebook turns text into tokens, builds the course's
 # *verifiable* tasks (arithmetic problems whose answers a program can check: the rewards of
 # notebook 08), loads the text corpus, and packs both into training batches.
@@ -91,6 +93,23 @@ for completion in [p.answer + "\n", "999\n", "", "12a\n", "9" * 50, "🙂"]:
 assert task.reward(p.answer + "\n", p) == 1.0 and task.reward("12a\n", p) == 0.0
 
 # %% [markdown]
+# **Exercise: a problem line.** Write the training text of the addition `a + b`: the prompt
+# `a+b=`, the sum written least-significant digit first, and a newline (the model's signal that
+# the answer is complete). `problem_line(47, 85)` is `'47+85=231\n'`.
+
+# %%
+from moe_lab import checks
+
+
+def problem_line(a, b):
+    # BEGIN SOLUTION
+    return f"{a}+{b}={str(a + b)[::-1]}\n"
+    # END SOLUTION
+
+
+checks.check_problem_line(problem_line)  # the same as ArithmeticTask("add").line(problem)
+
+# %% [markdown]
 # **Check yourself.** Held-out pairs never appear in training samples, and make up about
 # `heldout_fraction` of all pairs:
 
@@ -135,6 +154,23 @@ assert counts[" "] == top[0][1]  # indentation makes the space the most common c
 # A model learns to predict the next token, so the target `y` is the input `x` shifted by one.
 # For arithmetic rows the loss counts only on the answers (the operands are random: predicting
 # them teaches nothing). A `Mixture` draws each row from the code or the arithmetic source.
+#
+# **Exercise: the shift.** A source first makes rows of `n + 1` token ids, `ids` (B, n+1), with a
+# loss mask per id, `mask` (B, n+1): the mask of an id says whether *predicting that id* counts.
+# Return the model's input `x`, its targets `y` and their mask, each (B, n). At position i the
+# model has read `x[:, :i+1]` and predicts `y[:, i]`.
+
+# %%
+import torch
+
+
+def shift_for_next_token(ids, mask):
+    # BEGIN SOLUTION
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+    # END SOLUTION
+
+
+checks.check_next_token_shift(shift_for_next_token)  # the same as TaskSource.sample's last line
 
 # %%
 import torch

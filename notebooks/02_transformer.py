@@ -14,6 +14,8 @@
 # %% [markdown]
 # # 02 · A dense transformer from scratch
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/02_transformer.ipynb)
+#
 # Build the four pieces of a modern decoder (RMSNorm, rotary position embeddings, causal attention
 # and the SwiGLU feed-forward), check each against the course package, assemble them into a
 # decoder-only transformer and train it: the **dense baseline** the MoE of notebooks 03–04 must beat.
@@ -37,6 +39,7 @@ rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versi
 #
 # $\mathrm{RMSNorm}(x) = \dfrac{x}{\sqrt{\frac{1}{d}\sum_i x_i^2 + \epsilon}} \odot g$: LayerNorm without
 # subtracting the mean and without a bias. Cheaper, and as good in practice (Zhang & Sennrich 2019).
+# **Exercise**: write `rmsnorm(x, weight, eps)`, normalising over the last dimension.
 
 # %%
 import torch
@@ -45,7 +48,9 @@ from moe_lab import checks
 
 
 def rmsnorm(x, weight, eps=1e-5):
+    # BEGIN SOLUTION
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    # END SOLUTION
 
 
 checks.check_rmsnorm(rmsnorm)  # the same as moe_lab.model.layers.RMSNorm
@@ -56,7 +61,8 @@ checks.check_rmsnorm(rmsnorm)  # the same as moe_lab.model.layers.RMSNorm
 # Attention alone cannot tell positions apart. RoPE rotates each pair of coordinates
 # $(q_{2i}, q_{2i+1})$ of a query or key at position $m$ by the angle $m\,\theta^{-2i/d}$. The dot
 # product of a rotated query and key then depends only on their *distance*: relative positions
-# for free, with no learned parameters (Su et al. 2021).
+# for free, with no learned parameters (Su et al. 2021). `rope_tables` gives $\cos$ and $\sin$ of every
+# angle. **Exercise**: write `apply_rope`, rotating each pair $(x_{2i}, x_{2i+1})$ by its angle.
 
 # %%
 def rope_tables(head_dim, max_len, theta=10000.0):
@@ -65,10 +71,12 @@ def rope_tables(head_dim, max_len, theta=10000.0):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):  # x: (B, H, T, hd)
+def apply_rope(x, cos, sin):  # x: (B, H, T, hd); cos, sin: (T, hd/2)
+    # BEGIN SOLUTION
     x1, x2 = x[..., 0::2], x[..., 1::2]  # the pairs
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
     return rotated.flatten(-2)
+    # END SOLUTION
 
 
 checks.check_rope(apply_rope)  # the same as moe_lab.model.layers.apply_rope
@@ -116,11 +124,13 @@ assert same_past
 # ## 4. SwiGLU feed-forward
 #
 # $\mathrm{FFN}(x) = \big(\mathrm{silu}(xW_1) \odot xW_3\big) W_2$: a gated MLP (Shazeer 2020) used by
-# Llama and DeepSeek. In notebook 03 each *expert* will be exactly this.
+# Llama and DeepSeek. In notebook 03 each *expert* will be exactly this. **Exercise**: write it.
 
 # %%
 def swiglu(x, w1, w3, w2):
+    # BEGIN SOLUTION
     return (F.silu(x @ w1) * (x @ w3)) @ w2
+    # END SOLUTION
 
 
 checks.check_swiglu(swiglu)  # the same as moe_lab.model.layers.SwiGLU and moe_lab.model.experts.swiglu_expert

@@ -14,6 +14,8 @@
 # %% [markdown]
 # # 03 · The Mixture-of-Experts layer
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/03_moe_layer.ipynb)
+#
 # Replace the transformer's feed-forward with many experts and a router that sends each token to a
 # few of them: more parameters, the same compute per token. This notebook builds every idea of the
 # Switch → GShard → DeepSeekMoE → DeepSeek-V3 line and checks each one.
@@ -47,20 +49,24 @@ import torch.nn.functional as F
 from moe_lab import checks
 
 
-def topk_router(logits, k):
+def topk_router(logits, k):  # logits: (T, E) -> expert_idx (T, k), weights (T, k)
+    # BEGIN SOLUTION
     probs = logits.softmax(-1)  # (T, E)
     weights, expert_idx = probs.topk(k, dim=-1)  # (T, k) each
     return expert_idx, weights / weights.sum(-1, keepdim=True)
+    # END SOLUTION
 
 
 checks.check_topk_router(topk_router)  # the same as moe_lab.model.router.Router with router="softmax"
 
 # %% [markdown]
 # Each expert is the SwiGLU of notebook 02. The readable way to run them: loop over experts, gather
-# the tokens that chose each one, run it, and add the weighted outputs back (`index_add`).
+# the tokens that chose each one, run it, and add the weighted outputs back (`index_add`). Write it;
+# an assignment of `-1` (dropped, section 5) goes to no expert:
 
 # %%
-def experts_loop(x, expert_idx, weights, w1, w3, w2):
+def experts_loop(x, expert_idx, weights, w1, w3, w2):  # x (T, d); w1, w3 (E, d, f); w2 (E, f, d)
+    # BEGIN SOLUTION
     y = torch.zeros_like(x)  # (T, d)
     for e in range(w1.shape[0]):
         token, slot = torch.where(expert_idx == e)  # which tokens chose e, in which of their k slots
@@ -68,6 +74,7 @@ def experts_loop(x, expert_idx, weights, w1, w3, w2):
             h = F.silu(x[token] @ w1[e]) * (x[token] @ w3[e])  # (n_e, f)
             y = y.index_add(0, token, (h @ w2[e]) * weights[token, slot, None])
     return y
+    # END SOLUTION
 
 
 checks.check_expert_backend(experts_loop)  # the same as moe_lab.model.experts.experts_reference
@@ -145,10 +152,12 @@ print("output", tuple(y.shape), "| router stats:", layer.last_stats)
 # Implement the Switch loss:
 
 # %%
-def switch_aux_loss(probs, expert_idx, n_experts):
+def switch_aux_loss(probs, expert_idx, n_experts):  # probs (T, E), expert_idx (T, k) -> a scalar
+    # BEGIN SOLUTION
     f = torch.bincount(expert_idx.flatten(), minlength=n_experts).float() / expert_idx.numel()
     P = probs.mean(0)
     return n_experts * (f * P).sum()
+    # END SOLUTION
 
 
 checks.check_switch_aux_loss(switch_aux_loss)  # the same as moe_lab.model.router.switch_aux_loss
@@ -197,7 +206,8 @@ router_explorer()
 # notebook 06 handle. Implement the capacity rule:
 
 # %%
-def apply_capacity(expert_idx, weights, n_experts, capacity):
+def apply_capacity(expert_idx, weights, n_experts, capacity):  # -> (expert_idx with -1, weights with 0)
+    # BEGIN SOLUTION
     T, k = expert_idx.shape
     keep = torch.zeros(T, k, dtype=torch.bool)
     used = [0] * n_experts
@@ -208,6 +218,7 @@ def apply_capacity(expert_idx, weights, n_experts, capacity):
                 used[e] += 1
                 keep[t, j] = True
     return expert_idx.masked_fill(~keep, -1), weights.masked_fill(~keep, 0.0)
+    # END SOLUTION
 
 
 checks.check_capacity(apply_capacity)  # the same as moe_lab.model.router.apply_capacity (vectorised)
@@ -223,6 +234,12 @@ for cf in [0.5, 1.0, 1.25, 2.0, None]:
     rows.append((cf, s.dropped / (x.shape[0] * x.shape[1] * 2)))
     print(f"capacity factor {str(cf):>5}: dropped {s.dropped:4d} of {256 * 2} assignments, max load {int(s.load.max())}")
 assert rows[0][1] > rows[2][1] >= rows[3][1] and rows[-1][1] == 0  # more capacity, fewer drops; dropless drops none
+fig, ax = plt.subplots(figsize=(5, 2.5))
+ax.bar([str(cf) for cf, _ in rows], [100 * frac for _, frac in rows], color="C3")
+ax.set_xlabel("capacity factor (None = dropless)")
+ax.set_ylabel("assignments dropped (%)")
+ax.set_title("more capacity, fewer dropped assignments")
+plt.show()
 
 # %% [markdown]
 # ## 6. One layer, two back-ends, the same function

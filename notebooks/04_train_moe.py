@@ -14,6 +14,8 @@
 # %% [markdown]
 # # 04 · Train an MoE transformer, and compare it with a dense one honestly
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/04_train_moe.ipynb)
+#
 # Put the MoE layer of notebook 03 into the transformer of notebook 02 and train it next to a dense
 # model that uses **the same compute per token** (equal active parameters), on the same data, for
 # the same steps. Then look inside: does balancing work, and what do experts specialise in?
@@ -54,6 +56,50 @@ for name, cfg in configs.items():
 dense_active = Transformer(p.dense).n_params()
 moe_active = Transformer(p.moe).n_params(active=True)
 assert abs(moe_active - dense_active) / dense_active < 0.05  # equal active size (the router adds a little)
+
+# %% [markdown]
+# Two pieces of the training loop `moe_lab.train.train` are yours to write first.
+#
+# **Exercise: the learning-rate schedule.** Linear warm-up, then cosine decay (`cfg` is a
+# `TrainConfig`). Step `s < warmup_steps` (counting from 0) trains at `lr * (s + 1) / warmup_steps`,
+# so the first step already learns and step `warmup_steps - 1` reaches `lr`. After that, with
+# `progress` going from 0 to 1 over the remaining `steps - warmup_steps` steps, the rate is
+# `lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi * progress)))`.
+
+# %%
+import math
+from moe_lab import checks
+
+
+def lr_schedule(step, cfg):
+    # BEGIN SOLUTION
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    # END SOLUTION
+
+
+checks.check_lr_schedule(lr_schedule)  # the same as moe_lab.train.lr_at
+
+# %% [markdown]
+# **Exercise: the masked loss.** The language-model loss is the cross-entropy of the targets `y`
+# (B, T) under the logits (B, T, V), averaged over the positions where `mask` (B, T) is 1 (for
+# arithmetic: the answers). A mask with no 1 at all gives 0, not a division by zero.
+
+# %%
+import torch.nn.functional as F
+
+
+def masked_loss(logits, y, mask):
+    # BEGIN SOLUTION
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
+    m = mask.flatten().to(nll.dtype)
+    return (nll * m).sum() / m.sum().clamp_min(1.0)
+    # END SOLUTION
+
+
+checks.check_masked_loss(masked_loss)  # the same as the loss of moe_lab.model.Transformer.forward
 
 # %% [markdown]
 # ## 2. Train all three on the same batches
@@ -202,6 +248,14 @@ t_ref, t_sorted = step_time(moe, "reference"), step_time(moe, "sorted")
 t_dense = step_time(models["dense"], "sorted")  # the dense model has no experts: the back-end is ignored
 print(f"forward + backward: MoE with a loop over experts {t_ref * 1000:.0f} ms, MoE sorted {t_sorted * 1000:.0f} ms, dense {t_dense * 1000:.0f} ms")
 moe.set_backend(p.moe.moe.backend)
+fig, ax = plt.subplots(figsize=(6, 2.2))
+ax.barh(["MoE, loop over experts", "MoE, sorted", "dense"], [1000 * t for t in (t_ref, t_sorted, t_dense)],
+        color=["C1", "C0", "C2"])
+ax.invert_yaxis()
+ax.set_xlabel("forward + backward, ms per training step (median of 5)")
+ax.set_ylabel("model, back-end")
+ax.set_title("the price of dispatch")
+plt.show()
 
 # %% [markdown]
 # At this teaching size the loop and the sorted back-end cost about the same: each expert's matmul

@@ -14,6 +14,8 @@
 # %% [markdown]
 # # 05 · Triton basics: programs, blocks and masks
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/05_triton_basics.ipynb)
+#
 # PyTorch runs an MoE layer as a chain of separate kernels, and each one reads its inputs from GPU
 # memory and writes its result back. For most of the layer that memory traffic costs more time than
 # the arithmetic. **Triton** lets you write your own GPU kernels in Python. In one kernel you can
@@ -304,19 +306,33 @@ def matmul_torch(a, b):
 # **Program order.** Programs that run at the same time share the L2 cache. With *row-major* order
 # (program p → tile row p // n_tiles_n), the first programs sweep along one row of C. They share
 # A's rows, but each needs a different column block of B. *Grouped* order walks GROUP_M tile rows
-# down one column at a time, so programs in flight touch fewer blocks of A and B in total. Here is
-# the mapping in plain Python (the kernel below uses the same arithmetic), and a count of the
-# distinct blocks read by the first 16 programs on an 8×8 grid of tiles:
+# down one column at a time, so programs in flight touch fewer blocks of A and B in total.
+#
+# **Exercise: grouped order.** Write the mapping in plain Python (the kernel below uses the same
+# arithmetic). Programs come in groups of `group_m * n_tiles_n`; group g covers tile rows
+# `g * group_m` onwards (the last group may have fewer rows), and inside a group the program
+# index walks down the group's rows first, then moves one tile column right. Every tile must get
+# exactly one program; `group_m=1` is row-major order.
 
 # %%
 def tile_of(pid, n_tiles_m, n_tiles_n, group_m):
     """(tile row, tile column) of program pid in grouped order; group_m=1 is row-major."""
+    # BEGIN SOLUTION
     per_group = group_m * n_tiles_n
     first_m = (pid // per_group) * group_m
     rows = min(n_tiles_m - first_m, group_m)  # the last group may be shorter
     return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+    # END SOLUTION
 
 
+from moe_lab import checks
+
+checks.check_tile_of(tile_of)  # the same arithmetic as intro.matmul_kernel's first lines
+
+# %% [markdown]
+# Count the distinct blocks of A and B read by the first 16 programs on an 8×8 grid of tiles:
+
+# %%
 n_tm = n_tn = 8  # an 8 x 8 grid of C tiles
 in_flight = 16  # suppose 16 programs run at the same time
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
@@ -433,6 +449,32 @@ assert ideal == (M * K + K * N + M * N) * itemsize
 assert no_cache == (M * K * triton.cdiv(N, 32) + K * N * triton.cdiv(M, 32) + M * N) * itemsize
 print(f"matmul {M}x{N}x{K}: {intro.matmul_flops(M, N, K) / 1e6:.1f} MFLOPs; ideal {ideal / 1e6:.2f} MB, "
       f"32x32 tiles re-reading from memory {no_cache / 1e6:.2f} MB ({no_cache / ideal:.1f}x)")
+
+# %% [markdown]
+# **Explore the tiles.** `moe_lab.tiling.matmul_tiling` does this counting for any sizes and block
+# sizes: the grid, the K-steps and tile loads of each program, the bytes, the arithmetic intensity,
+# the shared memory the tiles need, and the work spent on masked-out lanes at the edges. On a GPU
+# Triton overlaps loads with compute by keeping `num_stages` K-steps in flight, each with its own A
+# and B tiles in shared memory, so the need grows with the stages. The picture shows C cut into
+# tiles, one per program; edge tiles are shaded by how much of them is masked out. First the launch
+# above, then an explorer: move the sliders (try M = 1, a single token, or blocks bigger than the
+# matrix, or float32 tiles of 256 with 3 stages).
+
+# %%
+from moe_lab import tiling
+from moe_lab.widgets import tiling_explorer
+
+launch = tiling.matmul_tiling(M, N, K, 32, 32, 32, dtype=a.dtype)  # the 32 x 32 x 32 launch above
+print(launch.summary())
+tiling.plot_matmul_tiles(launch)
+plt.show()
+assert launch.n_programs == triton.cdiv(M, 32) * triton.cdiv(N, 32)
+assert launch.bytes_moved == no_cache and launch.ideal_bytes == ideal  # the counts of the cell above
+gpu_tile = tiling.matmul_tiling(4096, 4096, 4096, 128, 128, 64, dtype="bfloat16", num_stages=3)  # intro.matmul_config on a GPU
+print(f"intro.matmul's GPU tile (128 x 128 x 64, bf16, 3 stages) needs about {gpu_tile.shared_memory_bytes // 1024} KiB "
+      f"of shared memory; fits per GPU: {gpu_tile.fits}")
+assert gpu_tile.fits["H100"] and not gpu_tile.fits["T4"]
+tiling_explorer()
 
 # %% [markdown]
 # ## 6. Arithmetic intensity: which kernels are memory-bound?
@@ -578,7 +620,7 @@ else:
 # A SwiGLU expert computes `silu(a) * b` after its two up-projections. In torch, `F.silu(a) * b`
 # runs two kernels: silu reads a and writes s (2n elements), and the multiply reads s and b and
 # writes the output (3n), 5n in total. A fused kernel reads a and b and writes the output once,
-# 3n in total. Write it. The solution below is one answer: edit it and rerun the check.
+# 3n in total. Write the kernel's body; the launcher is given.
 # (Hint: `tl.sigmoid`; compute in float32 with `.to(tl.float32)` and cast back on store.)
 # Notebook 06 fuses this exact step into the epilogue of the expert's up-projection GEMM.
 
@@ -591,11 +633,13 @@ def swiglu_act_kernel(
     n,  # number of elements
     BLOCK: tl.constexpr,  # elements per program
 ):
+    # BEGIN SOLUTION
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = tl.load(a_ptr + offs, mask=mask).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
     tl.store(out_ptr + offs, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty), mask=mask)
+    # END SOLUTION
 
 
 def swiglu_act(a, b, block=1024):
@@ -604,9 +648,8 @@ def swiglu_act(a, b, block=1024):
     return out
 
 
-a_ex, b_ex = torch.randn(5_003, device=dev), torch.randn(5_003, device=dev)
-torch.testing.assert_close(swiglu_act(a_ex, b_ex), torch.nn.functional.silu(a_ex) * b_ex, rtol=1e-5, atol=1e-6)
-print("✅ swiglu_act matches F.silu(a) * b; traffic 3n instead of 5n elements")
+checks.check_swiglu_act(swiglu_act)  # float32 on this device (interpreter on a CPU), float16 too on a GPU
+print("swiglu_act moves 3n elements instead of 5n")
 
 # %% [markdown]
 # ## Summary

@@ -14,6 +14,8 @@
 # %% [markdown]
 # # 06 · The MoE expert path in Triton
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/06_triton_moe_kernels.ipynb)
+#
 # Notebook 03 ran the experts in two ways: a loop over experts, and a `sorted` back-end that
 # permutes token copies once and then runs one matmul per expert. Both launch many small PyTorch
 # kernels, and each one writes an intermediate result to memory: the permuted copy of x, both
@@ -238,6 +240,27 @@ assert overheads[(512, 256, 8)][-1] > 1.0  # 16 rows per expert in blocks of 128
 # near the average rows per expert: at least 16 (compiled `tl.dot` needs that) and at most 64 (32
 # under the interpreter).
 #
+# **Explore the padding.** `moe_lab.tiling.grouped_gemm_tiling` counts the same layout from the
+# rows per expert alone: padded rows, the wasted fraction, the blocks used and allocated, and the
+# programs of one projection (rows × d) @ (d × f) over it. Below: 512 tokens routed top-6 over 64
+# experts (48 rows per expert on average) in blocks of 64, checked against `moe_align`, then an
+# explorer. Watch the waste fall as BLOCK_M shrinks or the tokens grow.
+
+# %%
+from moe_lab import tiling
+from moe_lab.widgets import moe_padding_explorer
+
+idx_p = torch.rand(512, 64, generator=torch.Generator().manual_seed(0)).topk(6, dim=1).indices  # (512, 6)
+al_p = moe_align(idx_p, 64, 64)
+pad = tiling.grouped_gemm_tiling(al_p.counts.tolist(), block_m=64, k=1024, n=512, block_n=128, n_assignments=idx_p.numel())
+assert pad.offsets == tuple(al_p.offsets.tolist()) and pad.max_blocks == al_p.max_blocks  # the kernels' layout
+assert pad.used_blocks == int((al_p.block_expert >= 0).sum())
+print(pad.summary())
+tiling.plot_moe_padding(pad)
+plt.show()
+moe_padding_explorer()
+
+# %% [markdown]
 # ## 3. The up-projection: a grouped GEMM with gather and fused SwiGLU
 #
 # For every real row r, with assignment `a = sorted_ids[r]`, token `t = a // top_k` and expert
@@ -320,24 +343,23 @@ print(f"moe_up: {len(rows)} real rows match torch; {int(padding.sum())} padding/
 # %% [markdown]
 # **Exercise.** Given a layout, return the token and the expert of every sorted row, with `-1`
 # for padding rows. Reading `sorted_ids` and `block_expert` this way is the first thing every MoE
-# kernel does. The solution below is one answer: edit it and rerun the check.
+# kernel does. (`align` also carries `max_rows`, `block_m`, `top_k` and `n_assignments`.)
 
 # %%
-def rows_to_token_expert(align):
+from moe_lab import checks
+
+
+def rows_to_token_expert(align):  # -> token (max_rows,), expert (max_rows,): -1 on padding rows
+    # BEGIN SOLUTION
     row_block = torch.arange(align.max_rows, device=align.sorted_ids.device) // align.block_m
     real = align.sorted_ids < align.n_assignments
     token = torch.where(real, align.sorted_ids.long() // align.top_k, -1)
     expert = torch.where(real, align.block_expert[row_block].long(), -1)
     return token, expert
+    # END SOLUTION
 
 
-tok_chk, exp_chk = rows_to_token_expert(moe_align(idx_r, 7, 8))
-flat_r = idx_r.reshape(-1)
-real_rows = tok_chk >= 0
-assert int(real_rows.sum()) == int((flat_r >= 0).sum()), "every routed assignment has exactly one row"
-assert torch.equal(exp_chk[real_rows], flat_r[moe_align(idx_r, 7, 8).sorted_ids[real_rows].long()]), "wrong expert"
-assert torch.equal(tok_chk[real_rows], moe_align(idx_r, 7, 8).sorted_ids[real_rows].long() // 3), "wrong token"
-print("✅ rows_to_token_expert: correct")
+checks.check_rows_to_token_expert(rows_to_token_expert)  # layouts of moe_align with drops and an empty expert
 
 # %% [markdown]
 # **Bytes of the up-projection.** Let N be the number of routed rows. Count the elements that
@@ -386,7 +408,6 @@ for name, (N_, d_, f_, E_) in {"this toy": (len(rows), d, f, E),
 
 # %%
 show_source(moe_gemm.moe_down_kernel)
-show_source(moe_gemm.moe_combine_kernel)
 
 # %% [markdown]
 # Check both steps against torch. `o` is each assignment's weighted expert output, computed from
@@ -420,6 +441,51 @@ print("down + combine == torch == experts_reference; ordered combine reproducibl
 # %% [markdown]
 # Under the interpreter, programs run one after another, so even the atomic adds happen in a fixed
 # order. On a GPU they race, and the atomic result can differ in its last bits from run to run.
+#
+# **Exercise: the ordered combine kernel.** Write the kernel behind `moe_combine`; the launcher is
+# given. A program owns `BLOCK_T` tokens × `BLOCK_D` columns of y. For j = 0, 1, ..., TOP_K-1, in
+# this order, it adds row `t * TOP_K + j` of `buf` if that assignment is routed (its expert is not
+# -1). Rows of dropped assignments are never read: the check fills them with NaN, so reading one
+# shows. Accumulate in float32, cast on store, and mask the ragged edges of T and d.
+# (Hint: `tl.static_range(TOP_K)` unrolls the loop at compile time.)
+
+# %%
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def combine_kernel(
+    buf_ptr,  # (T * TOP_K, d) contiguous: one row per assignment
+    expert_idx_ptr,  # (T * TOP_K,) expert of each assignment, -1 = dropped
+    y_ptr,  # (T, d) contiguous output
+    T, d,  # tokens and row width
+    TOP_K: tl.constexpr,  # assignments per token
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # tokens and columns per program
+):
+    # BEGIN SOLUTION
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    t_ok, d_ok = offs_t < T, offs_d < d
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        a = offs_t * TOP_K + j  # (BLOCK_T,) assignment of slot j
+        routed = tl.load(expert_idx_ptr + a, mask=t_ok, other=-1) >= 0
+        acc += tl.load(buf_ptr + a[:, None] * d + offs_d[None, :], mask=routed[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+    # END SOLUTION
+
+
+def combine_triton(buf, expert_idx, block_t=8, block_d=16):
+    T, top_k = expert_idx.shape
+    y = torch.empty(T, buf.shape[1], device=buf.device, dtype=buf.dtype)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(buf.shape[1], block_d))
+    combine_kernel[grid](buf.contiguous(), expert_idx.reshape(-1).contiguous(), y, T, buf.shape[1],
+                         TOP_K=top_k, BLOCK_T=block_t, BLOCK_D=block_d)
+    return y
+
+
+checks.check_combine(combine_triton)  # the same as moe_lab.kernels.moe_gemm.moe_combine
 #
 # The forward pass is complete. `moe_lab.kernels.moe.experts_triton` chains the three steps. Check
 # it against the readable loop on an awkward shape (37 tokens, widths 24 and 40, 5 experts, one of

@@ -14,6 +14,8 @@
 # %% [markdown]
 # # 09 · Expert parallelism: experts on many processes, tokens over all-to-all
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/09_expert_parallel.ipynb)
+#
 # An MoE layer has many experts but each token uses only a few of them. At DeepSeek-V3's scale
 # (256 routed experts in each of 58 MoE layers) the experts no longer fit on one GPU. So they are
 # split: each GPU holds a few experts, and the *tokens* travel to the GPUs that hold their experts
@@ -82,15 +84,22 @@ assert top_k_v3 / n_routed < 0.05  # ...and each token touches under 5% of them
 #
 # In an all-to-all every rank splits its buffer into $W$ chunks and sends chunk $j$ to rank $j$.
 # Each rank receives one chunk from every rank and stores them in rank order. If `chunks[src][dst]`
-# is what `src` sends to `dst`, the exchange *transposes* that table. Here it is with plain Python
-# lists standing in for the ranks:
+# is what `src` sends to `dst`, the exchange *transposes* that table. **Exercise**: write it, with
+# plain Python lists standing in for the ranks.
 
 # %%
+from moe_lab import checks
+
+
 def all_to_all_sim(chunks):
     """chunks[src][dst] -> received[dst][src]: what every rank receives, in source-rank order."""
+    # BEGIN SOLUTION
     W = len(chunks)
     return [[chunks[src][dst] for src in range(W)] for dst in range(W)]
+    # END SOLUTION
 
+
+checks.check_all_to_all_sim(all_to_all_sim)
 
 chunks = [[f"{src}→{dst}" for dst in range(3)] for src in range(3)]
 for r, got in enumerate(all_to_all_sim(chunks)):
@@ -330,7 +339,8 @@ assert all(c == r for r, rows in enumerate(dispatch_recv) for _, c in rows)  # a
 # | dispatch.backward | = dispatch received | = dispatch sent |
 #
 # A row is $d$ numbers: $d \times 8$ bytes in float64, $d\times 2$ in bf16. Dropped copies (-1,
-# beyond capacity) never travel. Written as a function:
+# beyond capacity) never travel. **Exercise**: write the count as a function. Rank r owns experts
+# `r * E_local` to `(r + 1) * E_local - 1`.
 
 # %%
 def bytes_by_hand(idxs, n_experts, row_bytes, count_bytes=8):
@@ -338,6 +348,7 @@ def bytes_by_hand(idxs, n_experts, row_bytes, count_bytes=8):
 
     Returns ([{phase: (sent, received)} per rank], rows[src, dst]: routed copies src sends to dst).
     """
+    # BEGIN SOLUTION
     W = len(idxs)
     E_local = n_experts // W
     rows = torch.zeros(W, W, dtype=torch.long)  # rows[src, dst], the diagonal stays home
@@ -351,7 +362,10 @@ def bytes_by_hand(idxs, n_experts, row_bytes, count_bytes=8):
         per_rank.append({"counts": (counts, counts), "dispatch": (out, inc), "combine": (inc, out),
                          "combine.backward": (out, inc), "dispatch.backward": (inc, out)})
     return per_rank, rows
+    # END SOLUTION
 
+
+checks.check_bytes_by_hand(bytes_by_hand)  # the same count as moe_lab.distributed.comm.CommStats records
 
 hand_p, rows_p = bytes_by_hand([r.expert_idx for r in routing_p], E, row_bytes=d * 8)
 assert rows_p.tolist() == trace_p["send_splits"]  # the same rows the picture's arrows carry
@@ -618,18 +632,24 @@ else:
 # bottleneck. DeepSeek-V3 therefore sends each token to experts on at most $M = 4$ nodes. It
 # scores each node by the sum of its best $k/M$ expert affinities, keeps the $M$ best nodes, and
 # picks the top-k experts among those nodes only. A token crosses InfiniBand once per node, not
-# once per expert. Inside the node, NVLink forwards it to every chosen expert. Measure what the
-# limit buys with DeepSeek-V3's shape (256 experts on 8 nodes, top-8) and random affinities:
+# once per expert. Inside the node, NVLink forwards it to every chosen expert. **Exercise**: write
+# it (experts `i * E / n_nodes` to `(i + 1) * E / n_nodes - 1` live on node i). Then measure what the
+# limit buys with DeepSeek-V3's shape (256 experts on 8 nodes, top-8) and random affinities.
 
 # %%
 def node_limited_topk(scores, n_nodes, max_nodes, k):
     """DeepSeek-V3 node-limited routing: top-k experts among the max_nodes best nodes of each token."""
+    # BEGIN SOLUTION
     T_, E_ = scores.shape
     per_node = scores.view(T_, n_nodes, E_ // n_nodes)  # (T, nodes, experts per node)
     node_score = per_node.topk(k // max_nodes, dim=-1).values.sum(-1)  # (T, nodes)
     keep = torch.zeros(T_, n_nodes, dtype=torch.bool).scatter_(1, node_score.topk(max_nodes, -1).indices, True)
     allowed = keep.repeat_interleave(E_ // n_nodes, dim=1)  # (T, E)
     return scores.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices  # (T, k)
+    # END SOLUTION
+
+
+checks.check_node_limited_topk(node_limited_topk)
 
 
 def nodes_per_token(idx, n_nodes, experts_per_node):
@@ -667,7 +687,7 @@ assert limited.float().mean() < free.float().mean()
 # in BF16, which halves the dispatch bytes of our bf16 count. The steps are the ones you built
 # here: counts, dispatch, a local grouped GEMM (notebook 06), combine.
 #
-# **Exercises**
+# **Going further** (open questions, no checker)
 # 1. Change `bytes_by_hand` to send each token once per destination rank, however many of its
 #    experts live there. How many bytes does W=4 save for top-2? For top-8 with 32 experts?
 # 2. Set `capacity_factor=2.0` for `layer_cap` and rerun sections 6 and 7. When does the padded

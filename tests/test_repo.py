@@ -3,6 +3,7 @@ template, and environment.yml does not drift from pyproject.toml.
 
 Run: .venv/bin/python -m pytest tests/test_repo.py -q
 """
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -78,3 +79,82 @@ def test_torch_and_triton_are_not_pinned_above():
 def test_no_empty_cells(py):
     for cell in jupytext.read(py).cells:
         assert cell.source.strip(), f"{py.name} has an empty {cell.cell_type} cell"
+
+
+# ---- Colab: badges, the setup cell's install, and the dtype of GPUs without bf16 ----------------
+README_NAMES = {"07": "07_profiling", "08": "08_grpo"}  # rows whose notebooks may not exist yet
+
+
+@pytest.mark.parametrize("py", PAIRS, ids=lambda p: p.name)
+def test_first_cell_has_the_colab_badge_of_this_notebook(py):
+    from moe_lab import colab
+
+    first = next(c for c in jupytext.read(py).cells if c.cell_type == "markdown")
+    assert colab.badge(f"notebooks/{py.stem}.ipynb") in first.source, \
+        f"{py.name}: the first markdown cell needs {colab.badge(f'notebooks/{py.stem}.ipynb')}"
+
+
+def test_readme_course_map_has_a_colab_badge_per_notebook():
+    from moe_lab import colab
+
+    names = {p.stem[:2]: p.stem for p in PAIRS} | {k: v for k, v in README_NAMES.items() if k not in {p.stem[:2] for p in PAIRS}}
+    rows = {m.group(1): line for line in (ROOT / "README.md").read_text().splitlines()
+            if (m := re.match(r"^\| (\d\d) \|", line))}
+    assert set(names) <= set(rows), f"course map rows missing: {sorted(set(names) - set(rows))}"
+    for nn, stem in names.items():
+        assert colab.badge(f"notebooks/{stem}.ipynb") in rows[nn], f"README row {nn}: no Colab badge for {stem}.ipynb"
+        assert colab.notebook_url(f"notebooks/exercises/{stem}.ipynb") in rows[nn], f"README row {nn}: no learner link"
+    assert len(re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/", (ROOT / "README.md").read_text())) \
+        == 2 * len(names)
+    assert set(re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/", (ROOT / "README.md").read_text())) \
+        == {colab.REPO}
+
+
+@pytest.mark.parametrize("py", PAIRS, ids=lambda p: p.name)
+def test_setup_cell_installs_the_package_without_torch_or_triton(py):
+    """On Colab the setup cell pip-installs the course from the address in moe_lab/colab.py, and only it:
+    naming torch or triton there would replace Colab's own CUDA builds."""
+    from moe_lab import colab
+
+    setup = next(c.source for c in jupytext.read(py).cells if c.cell_type == "code")
+    assert 'if "google.colab" in sys.modules' in setup
+    calls = [node for node in ast.walk(ast.parse(setup)) if isinstance(node, ast.List)
+             and any(isinstance(e, ast.Constant) and e.value == "pip" for e in node.elts)]
+    assert len(calls) == 1, f"{py.name}: expected one pip install in the setup cell"
+    args = [e.value for e in calls[0].elts if isinstance(e, ast.Constant)]
+    assert args[:3] == ["-m", "pip", "install"], args
+    assert colab.PIP_SPEC in args, f"{py.name}: the setup cell must install {colab.PIP_SPEC!r}, found {args}"
+    assert not [a for a in args if re.search(r"\b(torch|triton)\b", a)], f"{py.name}: pip line names torch/triton: {args}"
+
+
+def test_colab_install_keeps_colabs_torch():
+    """The package's own torch requirement is a bare lower bound that Colab's torch (2.6 and later) meets."""
+    from packaging.specifiers import SpecifierSet
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_spec = next(d for d in deps if re.match(r"torch\b", d))
+    spec = SpecifierSet(torch_spec[len("torch"):])
+    assert all(s.operator == ">=" for s in spec), torch_spec
+    for colab_torch in ("2.6.0", "2.8.0", "2.9.0+cu126"):
+        assert spec.contains(colab_torch), f"{torch_spec} would replace Colab's torch {colab_torch}"
+
+
+@pytest.mark.parametrize("capability, name, dtype", [((7, 5), "Tesla T4", "float16"), ((7, 0), "Tesla V100", "float16"),
+                                                     ((8, 0), "A100", "bfloat16"), ((9, 0), "H100", "bfloat16")])
+def test_runtime_picks_fp16_on_gpus_without_bf16(capability, name, dtype, monkeypatch, capsys):
+    """Simulate the GPU: CUDA present, and the capability query answering like a T4 (7.5) or an A100."""
+    import torch
+
+    from moe_lab import runtime
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: None)
+    monkeypatch.delenv("MOE_LAB_DEVICE", raising=False)
+    assert runtime.pick_dtype(torch.device("cuda")) == getattr(torch, dtype)  # the capability is queried
+    rt = runtime.setup(seed=0, mode="gpu")
+    assert asked, "pick_dtype did not query the device's capability"
+    assert rt.on_gpu and rt.dtype == getattr(torch, dtype) and not rt.triton_interpret
+    assert f"dtype={dtype}" in capsys.readouterr().out and name in str(rt)

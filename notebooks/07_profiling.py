@@ -1,0 +1,529 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · Profiling: FLOPs, bytes and the roofline
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/moe-lab/moe-lab/blob/main/notebooks/07_profiling.ipynb)
+#
+# Notebook 06 made the MoE expert path fast on paper: fewer kernels, fewer bytes. This notebook
+# measures how fast it is, and how fast it *could* be. Two numbers bound any kernel: how many
+# FLOPs it must do and how many bytes it must move. The machine has two matching limits: its peak
+# FLOP/s and its memory bandwidth. Put together, they form a **roofline**. A kernel is then "at
+# 70 % of what this machine allows at this shape", not just "fast" or "slow".
+#
+# We compare five ways to run the same expert layer: the `reference` loop, the `sorted` PyTorch
+# back-end, the `triton` kernels of notebook 06, `torch._grouped_mm`, and a dense matmul with the
+# same FLOPs as the ceiling. On a GPU every figure is measured live. On a CPU, the CPU is measured
+# live at small sizes, and GPU figures are shown from recorded files, labelled with their device
+# and date.
+#
+# **What you will learn**
+# - counting an MoE layer's FLOPs and bytes by hand, and checking the count against torch's FLOP counter
+# - which weights a batch actually reads: the expected number of experts that receive tokens
+# - arithmetic intensity, and how it grows with the number of tokens until a layer becomes compute-bound
+# - measuring the two ceilings of a machine, and drawing a roofline with measured points
+# - timing on a GPU (`triton.testing.do_bench`) and on a CPU (medians after a warm-up)
+# - reading a `torch.profiler` table, and what autotuning chooses and why
+# - explaining the gap between each back-end and its ceiling
+#
+# **Prerequisites**: notebooks 03 (the expert back-ends), 05 (arithmetic intensity, tiles) and 06
+# (the Triton expert path). **Time to run**: CPU (2 cores): under 1 min · GPU: not yet measured.
+
+# %%
+import sys, subprocess
+if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab[lab] @ git+https://github.com/moe-lab/moe-lab"], check=True)
+from moe_lab import runtime
+rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
+
+# %% [markdown]
+# ## 1. Count the FLOPs by hand
+#
+# An expert layer receives T tokens. Each token is routed to k experts, so N = T·k **routed rows**
+# go through an expert. Each row runs one SwiGLU expert, `(silu(x @ w1) * (x @ w3)) @ w2`. That is
+# three matmuls. A matmul of an (m, n) matrix by an (n, p) matrix costs 2·m·n·p FLOPs: one
+# multiply and one add for each term of each sum.
+#
+# | matmul | shapes per expert e (n_e rows) | FLOPs summed over experts |
+# |---|---|---|
+# | gate `x @ w1` | (n_e, d) @ (d, f) | 2·N·d·f |
+# | up `x @ w3` | (n_e, d) @ (d, f) | 2·N·d·f |
+# | down `h @ w2` | (n_e, f) @ (f, d) | 2·N·f·d |
+#
+# SwiGLU's elementwise work and the routing weights add about 5·N·f + 2·N·d FLOPs. That is under
+# 1 % at these sizes, and torch's FLOP counter leaves it out too.
+#
+# **Exercise: the forward FLOPs.** Write `moe_flops(T, d, f, k)`, the forward matmul FLOPs of the
+# layer.
+
+# %%
+def moe_flops(T, d, f, k):
+    """Forward matmul FLOPs of a SwiGLU expert layer: T tokens, top-k, widths d and f."""
+    # BEGIN SOLUTION
+    n_rows = T * k  # every token is copied to k experts
+    return 3 * 2 * n_rows * d * f  # gate, up and down: 2*m*n*p each
+    # END SOLUTION
+
+
+from moe_lab import checks
+
+checks.check_moe_flops(moe_flops)
+
+# %% [markdown]
+# Now check the count against torch. `torch.utils.flop_counter.FlopCounterMode` records every
+# matmul that really runs. Run the `reference` back-end of notebook 03 on a small random routing,
+# forward and then backward. The backward pass needs two matmuls for each forward matmul: the
+# gradient of its input (dX = dY·Wᵀ) and the gradient of its weight (dW = Xᵀ·dY). So it costs
+# **twice** the forward.
+
+# %%
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moe_lab import bench, plots, profiling
+from moe_lab.model.experts import experts_reference, experts_sorted
+
+T, d, f, E, k = 37, 16, 24, 6, 2
+g = torch.Generator().manual_seed(0)
+x = torch.randn(T, d, generator=g, requires_grad=True)
+route_w, route_idx = torch.randn(T, E, generator=g).softmax(-1).topk(k, dim=-1)  # (T, k) each
+route_w = route_w.detach().requires_grad_()
+W = [torch.randn(*s, generator=g).requires_grad_() for s in [(E, d, f), (E, d, f), (E, f, d)]]
+with FlopCounterMode(display=False) as fwd_count:
+    y = experts_reference(x, route_idx, route_w, *W)
+with FlopCounterMode(display=False) as bwd_count:
+    y.backward(torch.randn(T, d, generator=g))
+print(f"forward : torch counted {fwd_count.get_total_flops():,} FLOPs, moe_flops says {moe_flops(T, d, f, k):,}")
+print(f"backward: torch counted {bwd_count.get_total_flops():,} FLOPs, 2x forward = {2 * moe_flops(T, d, f, k):,}")
+assert fwd_count.get_total_flops() == moe_flops(T, d, f, k) == profiling.moe_flops(T, d, f, k)
+assert bwd_count.get_total_flops() == profiling.moe_flops(T, d, f, k, "backward")
+
+# %% [markdown]
+# The canonical count is `moe_lab.profiling.moe_flops(T, d, f, k, mode)`. Here it is at 8192 tokens
+# for the layers the benchmark uses: the course's GPU preset layer (`teaching`), a Mixtral-8x7B-like
+# layer and a fine-grained DeepSeek/Qwen-like layer:
+
+# %%
+for name in ("teaching", "mixtral", "fine"):
+    s = bench.SHAPES[name]
+    fl = profiling.moe_flops(8192, s.d_model, s.d_expert, s.top_k)
+    print(f"{name:9s} d={s.d_model:5d} f={s.d_expert:6d} E={s.n_experts:4d} k={s.top_k}: "
+          f"{fl / 1e9:9.1f} GFLOP forward, {3 * fl / 1e9:9.1f} forward+backward  ({s.about})")
+
+# %% [markdown]
+# ## 2. Count the bytes: whose weights are read?
+#
+# FLOPs alone do not set the speed. A kernel must also bring its data from memory. For an expert
+# layer the bytes come in three parts (`moe_lab.profiling.moe_bytes`):
+#
+# - **weights**: each expert that receives at least one token reads w1, w3 and w2, which is 3·d·f
+#   values. An expert that receives no token reads nothing.
+# - **activations**: x is read and y is written, T·d values each.
+# - **intermediates**: whatever an implementation writes to memory and reads back: the permuted
+#   copy of x, `x @ w1`, SwiGLU's output, and so on. A perfectly fused kernel has none. This is the
+#   part notebook 06 attacked.
+#
+# How many experts receive tokens? Assume each token picks its k experts uniformly at random, k
+# *distinct* experts, independently of the other tokens. Then one token misses a given expert with
+# probability 1 − k/E, and all T tokens miss it with probability (1 − k/E)^T.
+#
+# **Exercise: expected active experts.** Write `expected_active(T, E, k)`, the expected number of
+# experts that receive at least one token.
+
+# %%
+def expected_active(T, E, k):
+    """Expected number of experts (of E) that receive at least one of T tokens under random top-k routing."""
+    # BEGIN SOLUTION
+    p_idle = (1 - k / E) ** T  # every token misses this expert
+    return E * (1 - p_idle)
+    # END SOLUTION
+
+
+checks.check_expected_active_experts(expected_active)
+
+# %% [markdown]
+# Check the formula by simulation: draw random routings and count the distinct experts.
+
+# %%
+import numpy as np
+
+E_sim, k_sim, trials = 128, 8, 200
+for T_sim in (1, 4, 16, 64):
+    counts = [torch.rand(T_sim, E_sim, generator=g).argsort(-1)[:, :k_sim].unique().numel() for _ in range(trials)]
+    print(f"T={T_sim:3d}: simulated {np.mean(counts):6.1f} active experts of {E_sim}, "
+          f"formula {expected_active(T_sim, E_sim, k_sim):6.1f}")
+    assert abs(np.mean(counts) - expected_active(T_sim, E_sim, k_sim)) < 2.0
+
+# %% [markdown]
+# With 128 fine-grained experts and top-8, 16 tokens already touch about 82 experts. From then on the
+# layer reads almost all of its weights, whatever the batch. Real routers are not uniform; the
+# benchmark counts the experts its routing really uses.
+#
+# **Arithmetic intensity** is FLOPs divided by bytes. With few tokens, each weight byte serves only a
+# few rows, so the intensity is low and the layer is **memory-bound**. Each extra token adds
+# FLOPs but almost no bytes once every expert is active, so the intensity rises roughly in
+# proportion to the rows per expert, T·k/E. Here it is for the three layers, in bfloat16 (2 bytes),
+# counting only the bytes every implementation must move (weights and activations: the `minimal`
+# model):
+
+# %%
+import matplotlib.pyplot as plt
+
+H100_RIDGE = 989e12 / 3.35e12  # data-sheet dense bf16 peak / HBM3 bandwidth (section 3 measures the real ones)
+tokens_axis = 2 ** np.arange(0, 16)
+fig, ax = plt.subplots(figsize=(7, 3.8))
+for name in ("teaching", "mixtral", "fine"):
+    s = bench.SHAPES[name]
+    ai = [profiling.arithmetic_intensity(profiling.moe_flops(int(t), s.d_model, s.d_expert, s.top_k),
+                                         profiling.moe_bytes(int(t), s.d_model, s.d_expert, s.n_experts, s.top_k, 2)["total"])
+          for t in tokens_axis]
+    ax.plot(tokens_axis, ai, marker="o", ms=3, label=f"{name} (E={s.n_experts}, k={s.top_k})")
+ax.axhline(H100_RIDGE, color="k", ls="--", lw=1, label=f"H100 data-sheet ridge ≈ {H100_RIDGE:.0f} FLOP/byte")
+ax.set_xscale("log", base=2)
+ax.set_yscale("log")
+ax.set_xlabel("tokens in the batch")
+ax.set_ylabel("arithmetic intensity (FLOP/byte, bf16)")
+ax.set_title("minimal bytes: weights of active experts + activations")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# Reading the plot: the Mixtral-like layer has only 8 experts, and each token sends a quarter of its
+# copies (k/E = 2/8) to any one of them. Its wide experts are shared by many rows early, and it
+# crosses the H100 ridge at about a thousand tokens. The fine-grained layer sends each expert only
+# k/E = 8/128 of a row per token, so it needs about five thousand tokens to become compute-bound.
+# That is why fine-grained MoE kernels are hard to make fast. The small teaching layer crosses
+# last, at about twelve thousand tokens: with d = 256 its activations weigh as much as its weights,
+# which caps its intensity near 1.5·k·f FLOP/byte.
+#
+# Intermediates change the picture for each implementation. Here are the bytes of each back-end's
+# *model*, counted op by op from its code (`profiling.INTERMEDIATE_TRAFFIC`), for the fine-grained
+# layer at 8192 tokens:
+
+# %%
+s = bench.SHAPES["fine"]
+minimal = profiling.moe_bytes(8192, s.d_model, s.d_expert, s.n_experts, s.top_k, 2)
+print(f"{'back-end':10s} {'weights':>9s} {'activations':>12s} {'intermediates':>14s} {'total':>9s}  vs minimal")
+for backend in ("minimal", "triton", "grouped_mm", "sorted", "reference"):
+    b = profiling.moe_bytes(8192, s.d_model, s.d_expert, s.n_experts, s.top_k, 2, backend)
+    print(f"{backend:10s} {b['weights'] / 1e6:7.0f}MB {b['activations'] / 1e6:10.0f}MB {b['intermediates'] / 1e6:12.0f}MB "
+          f"{b['total'] / 1e6:7.0f}MB  {b['total'] / minimal['total']:5.1f}x")
+
+# %% [markdown]
+# At this size the torch back-ends move several times the minimal bytes, because each op writes its
+# full (N, f) or (N, d) result to memory and the next op reads it back. The Triton path keeps the
+# SwiGLU inputs in registers and writes only h and one (N, d) buffer.
+#
+# ## 3. The ceilings of this machine
+#
+# Data sheets give peak numbers, but a roofline is more honest when it is measured. The compute
+# roof is the FLOP/s of one large matmul in the compute dtype. The memory roof is the bandwidth of a
+# large device-to-device copy: every byte is read once and written once, so a copy of B bytes moves
+# 2·B. `profiling.measure_ceilings` times both, with `triton.testing.do_bench` on a GPU (it warms up,
+# flushes the L2 cache and synchronises) and with the median of repeated wall-clock runs after a
+# warm-up on a CPU. On this shared 2-core CPU, small operations are timed with one thread: the
+# ceilings and the points below are measured the same way.
+
+# %%
+dev = rt.device
+if not rt.on_gpu:
+    torch.set_num_threads(1)  # steadier medians for small ops on a shared CPU; the ceilings use the same
+sizes = {"ci": dict(matmul_n=512, copy_bytes=16 << 20), "cpu": dict(matmul_n=1024, copy_bytes=64 << 20), "gpu": {}}
+ceil = profiling.measure_ceilings(dev, rt.dtype, **sizes[rt.mode])
+unit, scale = ("TFLOP/s", 1e12) if rt.on_gpu else ("GFLOP/s", 1e9)
+print(f"{ceil.device}, {ceil.dtype}")
+print(f"  compute roof: {ceil.peak_flops / scale:8.2f} {unit}  ({ceil.matmul_n}^3 matmul)")
+print(f"  memory roof : {ceil.bandwidth / 1e9:8.2f} GB/s     ({ceil.copy_bytes >> 20} MiB copied: read + write)")
+print(f"  ridge point : {ceil.ridge:8.2f} FLOP/byte: below it a kernel is memory-bound")
+assert ceil.peak_flops > 0 and ceil.bandwidth > 0
+
+# %% [markdown]
+# ## 4. The roofline, with points measured here
+#
+# A kernel of intensity I (FLOP/byte) cannot run faster than its bytes allow, I × bandwidth, nor
+# faster than the peak. Its attainable speed is the lower of the two limits. On a log-log plot this
+# is a slanted line (the memory roof) that meets a flat line (the compute roof) at the ridge point.
+#
+# **Exercise: the roofline.** Write `roofline(intensity, peak_flops, bandwidth)`.
+
+# %%
+def roofline(intensity, peak_flops, bandwidth):
+    """Attainable FLOP/s at an arithmetic intensity (FLOP/byte), given peak FLOP/s and bytes/s."""
+    # BEGIN SOLUTION
+    return min(peak_flops, intensity * bandwidth)
+    # END SOLUTION
+
+
+checks.check_roofline(roofline)
+
+# %% [markdown]
+# Now measure the back-ends on this machine with the benchmark's own code (`moe_lab.bench.run`,
+# the same function as `python -m moe_lab.bench`). On a CPU: the course's CPU-preset layer (`tiny`)
+# at a few small token counts, forward only. `triton` is left out on a CPU, because its
+# interpreter times Python, not a kernel. On a GPU: the GPU preset layer and the fine-grained
+# layer, every back-end.
+
+# %%
+live_cfg = {
+    "ci": dict(shapes=["tiny"], tokens=[64, 512], backends=["reference", "sorted", "grouped_mm", "dense"]),
+    "cpu": dict(shapes=["tiny", "teaching"], tokens=[64, 512], backends=["reference", "sorted", "grouped_mm", "dense"]),
+    "gpu": dict(shapes=["teaching", "fine"], tokens=[128, 2048, 8192], backends=list(bench.BACKENDS)),
+}[rt.mode]
+live = bench.run(live_cfg["shapes"], live_cfg["tokens"], live_cfg["backends"], ["forward"], dev, rt.dtype, ceil,
+                 warmup=1, repeats=3, progress=False)
+print(profiling.summarize(live))
+assert all(r["status"] in ("ok", "skipped") for r in live), [r["note"] for r in live if r["status"] == "error"]
+
+# %%
+big = max(live_cfg["tokens"])
+points = plots.bench_points([r for r in live if r["tokens"] == big])  # (intensity, attained FLOP/s) per measured row
+ax = plots.plot_roofline(ceil.peak_flops, ceil.bandwidth, points,
+                         unit=unit, roof_label=f"measured here ({ceil.device[:40]})",
+                         title=f"live, {rt.mode} mode: forward, {big} tokens")
+plt.show()
+
+# %% [markdown]
+# Every expert back-end at one (layer, tokens) has the same FLOPs and the same minimal bytes, so its
+# points sit on one vertical line. Their heights differ only by how well each one uses the machine.
+# The dense matmul has a different intensity: it reads one (d, 3f) matrix, not E experts. It is
+# the speed that a grouped GEMM aims for. On a CPU a point can even sit above the roof: small
+# working sets stay in the CPU's caches, which are faster than the main-memory copy that set the
+# roof, and on a busy shared machine each measurement gets a different share of the cores. So no
+# speed is asserted here. At these sizes the CPU numbers say more about PyTorch's per-operator
+# overhead than about the hardware. The GPU figures below are what the kernels were written for.
+#
+# ## 5. Recorded GPU figures
+#
+# `python -m moe_lab.bench --record` runs the full sweep on a GPU: three layers, tokens from 128 to
+# 32768, every back-end, forward and forward+backward. It writes `data/bench/<device>.json` with the
+# device, driver, torch and triton versions, the date and the command. Every GPU figure in this
+# repository comes from such a file. This cell plots the ones that exist, each labelled with its
+# device and date, with the points measured live here drawn in grey on the same roofline.
+
+# %%
+records = profiling.load_bench_records("data/bench")
+if not records:
+    print("No recorded GPU figures yet: data/bench/ holds no *.json file.\n"
+          "To make one, on a machine with a CUDA GPU, from the repository root:\n"
+          "    python -m moe_lab.bench --record                       # the full sweep, several minutes\n"
+          "    python -m moe_lab.gpu_suite --out runs/gpu --only bench  # the same, with logs and a time limit\n"
+          "then commit data/bench/<device>.json. This notebook will plot it here, labelled with its device and date.")
+for rec in records:
+    print(f"{profiling.record_label(rec)} | driver {rec['driver']} | torch {rec['torch']} | triton {rec['triton']}\n"
+          f"  command: {rec['command']}")
+    plots.plot_bench_record(rec, live_rows=[r for r in live if r["tokens"] == big], live_ceilings=ceil)
+    plt.show()
+    for t in rec.get("targets", []):
+        print(f"  target {t['target']} at {t['tokens']} tokens: {t['value']:.3g} ({'met' if t['met'] else 'not met'})")
+
+# %% [markdown]
+# ## 6. Reading a profiler trace
+#
+# A roofline says *how far* a back-end is from its limit. A profiler says *where the time goes*.
+# `torch.profiler` records every operator (on a CPU) or every GPU kernel, and
+# `profiling.top_kernels` lists those that took the most time of their own (children excluded).
+# Here is the `sorted` back-end, forward, on the live layer:
+
+# %%
+s = bench.SHAPES[live_cfg["shapes"][-1]]
+inp = bench.make_inputs(s, big, dev, rt.dtype)
+args = [inp[n] for n in ("x", "expert_idx", "weights", "w1", "w3", "w2")]
+with torch.no_grad():
+    top = profiling.top_kernels(lambda: experts_sorted(*args), dev, n=10)
+mm_share = sum(r.share for r in top if ("mm" in r.name.lower() or "gemm" in r.name.lower()))
+print(f"\nmatmul operators / kernels: {mm_share:.0%} of the time in the top rows")
+assert top and (rt.on_gpu or "aten::mm" in [r.name for r in top])
+
+# %% [markdown]
+# How to read it (CPU names; on a GPU the rows are CUDA kernels with longer names, the same roles):
+#
+# - `aten::mm`: the three projections, once per expert each. This is the useful work: the FLOPs
+#   of section 1.
+# - `aten::index`, `aten::select`, `aten::copy_`: the gather `x[token_of]` that builds the permuted
+#   copy (N·d values written, then read twice), and the slicing around it. Pure data movement.
+# - `aten::silu`, `aten::mul`: SwiGLU and the routing weight. Each is one full pass over an (N, f)
+#   or (N, d) tensor in memory, with almost no FLOPs: memory-bound.
+# - `aten::cat`, `aten::scatter_add_` (what `index_add` runs on a CPU), `aten::zeros`: stitching
+#   the expert outputs together, and the combine. More data movement.
+# - `aten::sort` (from `argsort`), `aten::bincount`: the routing metadata. `aten::min` and
+#   `aten::max` come from the input check of `expert_idx`'s range. These are small, but on a GPU
+#   such reductions and `.tolist()` make the CPU wait for the GPU (a host synchronisation).
+#
+# Everything that is not a matmul is the overhead that fusion removes. The Triton path of notebook
+# 06 reduces it to a handful of kernels: the routing sort, `moe_up_kernel`, `moe_down_kernel` and
+# the combine.
+
+# %%
+if rt.on_gpu:
+    from moe_lab.kernels.moe import experts_triton
+
+    with torch.no_grad():
+        profiling.top_kernels(lambda: experts_triton(*args), dev, n=10)
+else:
+    print("On a GPU this cell lists the kernels of the triton back-end, for comparison. Under the interpreter "
+          "a profile would show NumPy calls, not kernels.")
+
+# %% [markdown]
+# ## 7. Autotuning's choice
+#
+# A Triton GEMM kernel has free parameters: the tile sizes (BLOCK_N, BLOCK_K), the number of warps
+# (how many threads a program has), and `num_stages` (how many K-steps of tiles are loaded ahead,
+# to hide memory latency). No setting is best for every shape. `triton.autotune` times each listed
+# configuration the first time a kernel meets a new *key* (here `d`, `f` and `BLOCK_M`), keeps the
+# fastest, and reuses it for that key afterwards. Here is the list the expert kernels tune over, as
+# written in `moe_lab/kernels/moe_gemm.py`:
+
+# %%
+import ast
+import inspect
+
+from moe_lab.kernels import INTERPRETED, moe_gemm  # after runtime.setup(): it imports triton
+
+
+def listed_configs(module, name):
+    """The GPU configurations passed to _configs(...) for `name`, read from the module's source."""
+    tree = ast.parse(inspect.getsource(module))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            gpu = next(kw.value for kw in node.value.keywords if kw.arg == "gpu")
+            return [{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords} for call in gpu.elts]
+    raise LookupError(name)
+
+
+gpu_configs = listed_configs(moe_gemm, "ROW_BLOCK_CONFIGS")
+print("configurations used here:", [c.all_kwargs() for c in moe_gemm.ROW_BLOCK_CONFIGS],
+      "(the interpreter's single one)" if INTERPRETED else "")
+print("GPU list:", *gpu_configs, sep="\n  ")
+assert len(gpu_configs) >= 2 and all({"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(c) for c in gpu_configs)
+
+# %% [markdown]
+# What each choice trades, for the up-projection of the fine-grained layer at 8192 tokens
+# (N = 65536 routed rows, d = 2048, f = 768, BLOCK_M = 64, bf16). A program loads one
+# BLOCK_M×BLOCK_K tile of x and two BLOCK_K×BLOCK_N tiles of w1 and w3 per K-step, and does
+# 2·2·BLOCK_M·BLOCK_N·BLOCK_K FLOPs with them:
+#
+# - larger BLOCK_N: more FLOPs per byte loaded (each x tile serves more columns), but fewer
+#   programs and more accumulator registers per thread;
+# - more stages: more tiles in shared memory at once, so more memory latency hidden, until shared
+#   memory runs out (an H100 SM has 228 KB);
+# - more warps: more threads share the accumulators (fewer registers each), at the cost of more
+#   synchronisation.
+
+# %%
+N_rows, d_f, f_f, bm = 8192 * 8, 2048, 768, 64
+n_blocks = N_rows // bm + 128  # rows per expert are padded to whole blocks: at most one extra block per expert
+print(f"{'BLOCK_N BLOCK_K warps stages':28s} {'programs':>9s} {'FLOP/byte':>10s} {'smem KB':>8s} {'acc regs/thread':>16s}")
+for c in gpu_configs:
+    bn, bk, warps, stages = c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]
+    programs = n_blocks * -(-f_f // bn)
+    tile_bytes = (bm * bk + 2 * bk * bn) * 2  # x tile + w1 and w3 tiles, bf16
+    flop_per_byte = 2 * 2 * bm * bn * bk / tile_bytes
+    smem_kb = stages * tile_bytes / 1024
+    acc_regs = 2 * bm * bn / (warps * 32)  # two fp32 accumulators (x@w1, x@w3) spread over the threads
+    print(f"{bn:7d} {bk:7d} {warps:5d} {stages:6d}  {programs:9d} {flop_per_byte:10.1f} {smem_kb:8.0f} {acc_regs:16.0f}")
+
+# %% [markdown]
+# No row wins every column, and that is why the kernels are tuned by measurement. Which row wins
+# on an H100 can only be answered there. On a GPU the next cell shows what autotuning picked for
+# each key it met during the live benchmark above. On a CPU it says so and stops.
+
+# %%
+if rt.on_gpu and moe_gemm.AUTOTUNE:
+    for kernel_name in ("moe_up_kernel", "moe_down_kernel"):
+        tuner = getattr(moe_gemm, kernel_name)
+        for key, cfg in tuner.cache.items():
+            print(f"{kernel_name} key {key}: picked {cfg.all_kwargs()}")
+        timings = getattr(tuner, "configs_timings", None) or {}
+        for cfg, ms in timings.items():
+            print(f"    last tuning: {cfg.all_kwargs()} -> {ms}")
+else:
+    print("Autotuning runs only for kernels compiled on a GPU" + (" (MOE_LAB_TRITON_AUTOTUNE=0 turned it off)"
+          if rt.on_gpu else "; under the interpreter each kernel has one configuration."))
+
+# %% [markdown]
+# ## 8. The gap, explained
+#
+# Put each back-end next to the dense ceiling at the same FLOPs and the same tokens. Here are the
+# live measurements of section 4 (and, below them, those of any recorded GPU file):
+
+# %%
+def gap_table(rows, label):
+    print(label)
+    print(f"{'shape':9s} {'tokens':>6s} {'back-end':>10s} {'ms':>9s} {'x dense time':>12s} {'% of roofline':>14s}")
+    for r in rows:
+        if r["status"] != "ok" or r["backend"] == "dense" or r["pass"] != "forward":
+            continue
+        dense = [q for q in rows if q["status"] == "ok" and q["backend"] == "dense" and q["shape"] == r["shape"]
+                 and q["tokens"] == r["tokens"] and q["pass"] == r["pass"]]
+        ratio = f"{r['ms'] / dense[0]['ms']:12.1f}" if dense else f"{'-':>12s}"
+        roof = f"{r['frac_roofline']:14.1%}" if r.get("frac_roofline") is not None else f"{'-':>14s}"
+        print(f"{r['shape']:9s} {r['tokens']:6d} {r['backend']:>10s} {r['ms']:9.3f} {ratio} {roof}")
+
+
+gap_table(live, f"live, {ceil.device}:")
+for rec in records:
+    gap_table([r for r in rec["results"] if r["tokens"] in (128, 8192, 32768)], "\n" + profiling.record_label(rec) + ":")
+
+# %% [markdown]
+# Why each back-end falls short of the ceiling, from the counts above:
+#
+# - **reference** loops over experts in Python. With E experts it launches about 10·E small
+#   operations, and `y.index_add` copies all of y once per active expert (2·T·d values each time).
+#   With 128 experts, launch overhead and those copies dominate.
+# - **sorted** permutes once and runs one matmul per expert on a contiguous slice. The matmuls are
+#   efficient when experts get many rows. But every intermediate (the permuted x, x@w1, x@w3,
+#   silu, h, the expert outputs, the concatenation) goes through memory: about 9·N·d + 8·N·f values
+#   against 2·T·d for the activations. There is still one matmul launch per expert.
+# - **grouped_mm** replaces the E matmuls by one `torch._grouped_mm` call per projection: one
+#   launch, and tiles from several experts in flight at once. The elementwise intermediates stay,
+#   so at memory-bound sizes it moves nearly the bytes of `sorted`.
+# - **triton** gathers x inside the GEMM, applies SwiGLU and the routing weight in the epilogues, and
+#   writes only h and one (N, d) buffer. What remains: padding rows (up to BLOCK_M − 1 per
+#   expert, which is costly for 128 small experts at few tokens), the separate combine pass, and
+#   tile shapes chosen from a short list.
+# - **dense** has none of these costs: one matmul, no routing. At few tokens it also reads far fewer
+#   weight bytes, since it holds only one (d, 3f) matrix instead of E experts. Compare the expert
+#   back-ends with it where all of them are compute-bound, at 8192 tokens and more.
+#
+# Public reference points for the same kernels: SGLang's and vLLM's fused-MoE Triton kernels ship
+# benchmark scripts (SGLang `benchmark/kernels/fused_moe_triton`, vLLM
+# `benchmarks/kernels/benchmark_moe.py`). Liger Kernel's paper (Hsu et al., 2024) reports its fused
+# Triton kernels against PyTorch. Compare with their published figures at the same shape, dtype and
+# GPU, and cite the source and its date when you quote one.
+#
+# ## Summary
+# - An expert layer does **6·T·k·d·f** forward FLOPs (three matmuls over T·k routed rows) and twice
+#   that backward. `FlopCounterMode` agrees.
+# - Its unavoidable bytes are the weights of the experts that receive tokens,
+#   E·(1 − (1 − k/E)^T) of them under random routing, plus the activations. Everything else is
+#   **intermediate traffic** that an implementation adds, and fusion removes.
+# - **Arithmetic intensity** grows with tokens per expert. Few tokens, or many small experts, make a
+#   layer memory-bound. Many tokens make it compute-bound.
+# - A **roofline** from *measured* ceilings (a large matmul, a large copy) turns a timing into a
+#   fraction of what the machine allows at that intensity.
+# - `triton.testing.do_bench` (GPU) and medians after a warm-up (CPU) time kernels. `torch.profiler`
+#   shows where the time goes. **Autotuning** picks tile sizes, warps and stages by timing each
+#   candidate once per shape key.
+# - `python -m moe_lab.bench` measures all of this. `--record` on a GPU writes the figures this
+#   notebook plots; `python -m moe_lab.gpu_suite` runs every GPU test and benchmark in one call.
+#
+# ## Papers and further reading
+# - Williams, Waterman, Patterson. *Roofline: an insightful visual performance model for multicore architectures* (CACM 2009).
+# - Tillet, Kung, Cox. *Triton: an intermediate language and compiler for tiled neural network computations* (MAPL 2019).
+# - Dao, Fu, Ermon, Rudra, Ré. *FlashAttention: fast and memory-efficient exact attention with IO-awareness* (NeurIPS 2022): counting bytes, not FLOPs.
+# - Gale, Narayanan, Young, Zaharia. *MegaBlocks: efficient sparse training with mixture-of-experts* (MLSys 2023).
+# - Hsu et al. *Liger Kernel: efficient Triton kernels for LLM training* (2024).
+# - Zheng et al. *SGLang: efficient execution of structured language model programs* (2024): its fused-MoE Triton kernels and their benchmarks.
+# - DeepSeek-AI. *DeepSeek-V3 technical report* (2024): fine-grained experts and the kernels they need.
+# - The PyTorch profiler recipe, and `triton.testing.do_bench` in the Triton documentation.
