@@ -3,7 +3,7 @@
 Steps, run one after another, each in its own process with its own time limit:
 
     tests      pytest -m gpu tests                   the tests marked `gpu` (fp16/bf16, compiled kernels)
-    notebooks  nbval on notebooks 05, 06, 07         with MOE_LAB_MODE=gpu (04 too with --with-04)
+    notebooks  nbval on notebooks 05, 06, 07         with MOE_LAB_MODE=gpu (04 / 08 too with --with-04 / --with-08)
     bench      python -m moe_lab.bench --record      the full sweep: data/bench/<device>.json, and a copy
                                                      DIR/bench-<device>.json
 
@@ -41,7 +41,7 @@ def _notebook(prefix: str) -> str:
 
 
 def plan(out: Path, only: Optional[str] = None, with_04: bool = False, timeouts: Optional[dict] = None,
-         device_slug: str = "gpu") -> list[dict]:
+         device_slug: str = "gpu", with_08: bool = False) -> list[dict]:
     """The steps to run: [{"name", "cmd", "env", "timeout", "log"}], in order."""
     timeouts = {**DEFAULT_TIMEOUT, **(timeouts or {})}
     py = sys.executable
@@ -51,7 +51,7 @@ def plan(out: Path, only: Optional[str] = None, with_04: bool = False, timeouts:
         if name == "tests":
             cmd = [py, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p", "no:cacheprovider"]
         elif name == "notebooks":
-            nbs = [_notebook(p) for p in (("04",) if with_04 else ()) + GPU_NOTEBOOKS]
+            nbs = [_notebook(p) for p in (("04",) if with_04 else ()) + GPU_NOTEBOOKS + (("08",) if with_08 else ())]
             cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--nbval-current-env",
                    f"--nbval-cell-timeout={timeouts[name]}", *nbs]
             env["MOE_LAB_MODE"] = "gpu"
@@ -88,6 +88,7 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--out", required=True, help="folder for logs, summary.json and a copy of the bench record")
     ap.add_argument("--only", choices=STEPS, help="run one step")
     ap.add_argument("--with-04", action="store_true", help="also run notebook 04 (trains models: minutes)")
+    ap.add_argument("--with-08", action="store_true", help="also run notebook 08 (GRPO at the gpu preset)")
     ap.add_argument("--budget-s", type=float, default=570, help="time limit of the whole call (default 570)")
     for name in STEPS:
         ap.add_argument(f"--timeout-{name}", type=float, default=DEFAULT_TIMEOUT[name],
@@ -107,7 +108,7 @@ def main(argv: Optional[list] = None) -> int:
     from moe_lab import profiling
 
     slug = profiling.slugify(profiling.device_name("cuda")) if torch.cuda.is_available() else "gpu"
-    steps = plan(out, args.only, args.with_04, timeouts, slug)
+    steps = plan(out, args.only, args.with_04, timeouts, slug, with_08=args.with_08)
     if args.dry_run:
         for s in steps:
             print(f"[{s['name']}] (limit {s['timeout']:.0f} s, env {s['env']}) {' '.join(s['cmd'])}")

@@ -179,6 +179,8 @@ def test_gpu_suite_plans_every_step_with_limits(tmp_path):
     assert all(s["log"] == str(tmp_path / f"{s['name']}.log") for s in steps)
     (only,) = gpu_suite.plan(tmp_path, only="notebooks", with_04=True)
     assert [c for c in only["cmd"] if c.endswith(".ipynb")][0] == "notebooks/04_train_moe.ipynb"
+    (with_grpo,) = gpu_suite.plan(tmp_path, only="notebooks", with_08=True)
+    assert [c for c in with_grpo["cmd"] if c.endswith(".ipynb")][-1] == "notebooks/08_grpo.ipynb"
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the refusal without a GPU")
