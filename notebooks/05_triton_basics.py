@@ -343,7 +343,7 @@ for ax, gm in zip(axes, (1, 4)):
         order[tile_of(pid, n_tm, n_tn, gm)] = pid
     first = [tile_of(p, n_tm, n_tn, gm) for p in range(in_flight)]
     blocks_read[gm] = len({m for m, _ in first}) + len({nn for _, nn in first})  # row blocks of A + column blocks of B
-    ax.imshow((order < in_flight).float(), cmap="Blues", vmin=0, vmax=1.6)
+    ax.imshow((order < in_flight).float().numpy(), cmap="Blues", vmin=0, vmax=1.6)
     for (m, nn), pid in zip(torch.cartesian_prod(torch.arange(n_tm), torch.arange(n_tn)).tolist(), order.flatten().tolist()):
         ax.text(nn, m, pid, ha="center", va="center", fontsize=8)
     ax.set_title(f"GROUP_M={gm}: programs 0-{in_flight - 1} read\n{blocks_read[gm]} blocks of A and B")
