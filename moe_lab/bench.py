@@ -189,9 +189,10 @@ def case_model(shape: LayerShape, tokens: int, backend: str, mode: str, itemsize
     d, f, E, k = shape.d_model, shape.d_expert, shape.n_experts, shape.top_k
     if backend == "dense":
         m, kk, n = P.dense_equal_flops_shape(tokens, d, f, k)
-        fl = P.matmul_flops(m, kk, n) * (1 if mode == "forward" else 3)
+        passes = {"forward": 1, "backward": 2, "forward+backward": 3}[mode]  # backward: dX and dW
+        fl = P.matmul_flops(m, kk, n) * passes
         by = P.matmul_bytes(m, kk, n, itemsize, mode)
-        weights = kk * n * itemsize * (1 if mode == "forward" else 3)
+        weights = kk * n * itemsize * passes
         return dict(flops=fl, weight_bytes=weights, min_bytes=by, model_bytes=by)
     fl = P.moe_flops(tokens, d, f, k, mode)
     minimal = P.moe_bytes(tokens, d, f, E, k, itemsize, "minimal", mode, active_experts=active)

@@ -31,7 +31,7 @@ def solve(model, problems: Sequence[Problem], temperature: float = 0.0, top_k: O
         seqs = model.generate(prompts, max_new, temperature=temperature, top_k=top_k,
                               stop_token=tok.newline_id, generator=generator)
         for i, row in zip(idxs, seqs[:, prompts.shape[1]:].tolist()):
-            text = tok.decode(row)
+            text = tok.decode(row, skip_special=False)  # exactly what was written: "97<pad>5" is not "975"
             out[i] = text[: text.index("\n") + 1] if "\n" in text else text
     model.train(was_training)
     return out

@@ -139,9 +139,9 @@ def plot_bench_tokens(record: dict, shape: str, mode: str = "forward", ax=None, 
     if not rows:
         raise ValueError(f"the record from {record.get('device')} has no successful {mode} results for shape={shape!r}")
     ax = _axes(ax, figsize=(6.5, 3.8))
-    for i, backend in enumerate(dict.fromkeys(r["backend"] for r in rows)):
+    for backend in dict.fromkeys(r["backend"] for r in rows):
         pts = sorted((r["tokens"], r[metric]) for r in rows if r["backend"] == backend)
-        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", ms=3, color=f"C{i}", label=backend,
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", ms=3, color=backend_color(backend), label=backend,
                 ls="--" if backend == "dense" else "-")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -155,13 +155,19 @@ def plot_bench_tokens(record: dict, shape: str, mode: str = "forward", ax=None, 
 BACKEND_MARKERS = {"reference": "v", "sorted": "s", "triton": "*", "grouped_mm": "D", "dense": "o"}
 
 
-def bench_points(rows, with_tokens: bool = True) -> list[dict]:
-    """Roofline points (see plot_roofline) of successful bench rows: intensity and attained FLOP/s."""
+def backend_color(backend: str) -> str:
+    """One colour per back-end in every bench plot (C9 for a back-end this module does not know)."""
     names = list(BACKEND_MARKERS)
+    return f"C{names.index(backend)}" if backend in names else "C9"
+
+
+def bench_points(rows, with_tokens: bool = True, color: Optional[str] = None) -> list[dict]:
+    """Roofline points (see plot_roofline) of successful bench rows: intensity and attained FLOP/s.
+    `color` overrides the back-end colours (live points drawn grey beside recorded ones)."""
     return [dict(label=f"{r['backend']}, {r['shape']} T={r['tokens']}" if with_tokens else r["backend"],
                  intensity=r["intensity"], flops=r["flops"] / (r["ms"] * 1e-3),
                  marker=BACKEND_MARKERS.get(r["backend"], "o"),
-                 color=f"C{names.index(r['backend']) if r['backend'] in names else 9}")
+                 color=color or backend_color(r["backend"]))
             for r in rows if r["status"] == "ok"]
 
 
@@ -192,7 +198,7 @@ def plot_bench_record(record: dict, shape: Optional[str] = None, live_rows=(), l
         axes[2].set_title("no ceilings or forward results in this record", fontsize=9)
     live = [r for r in live_rows if r["status"] == "ok"]
     if live and live_ceilings is not None and axes[2].axison:
-        plot_roofline(live_ceilings.peak_flops, live_ceilings.bandwidth, bench_points(live), ax=axes[2],
+        plot_roofline(live_ceilings.peak_flops, live_ceilings.bandwidth, bench_points(live, color="0.6"), ax=axes[2],
                       roof_label=f"live here: {live_ceilings.device[:32]}", title=axes[2].get_title(), color="0.6")
     fig.tight_layout()
     return fig

@@ -170,4 +170,4 @@ def advantage_explorer(group_size: int = 8, n_groups: int = 4):
 
     sliders = {f"group {i}": W.IntSlider(value=v, min=0, max=group_size, description=f"group {i}")
                for i, v in zip(range(n_groups), [1, group_size // 2, group_size - 1, group_size] + [0] * n_groups)}
-    return W.interact(show, **sliders)
+    return W.interactive(show, **sliders)

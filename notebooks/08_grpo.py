@@ -30,7 +30,7 @@
 # - how GRPO compares with plain REINFORCE with a mean baseline on this task
 #
 # **Prerequisites**: notebook 04 (the model and its checkpoint; a trained one ships with the course).
-# **Time to run**: CPU (2 cores): ~4 min · GPU: not yet measured.
+# **Time to run**: CPU (2 cores): ~3 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -91,11 +91,14 @@ for temperature, per_sample, pass_k in rows:
 assert rows[0][2] > greedy_start  # some problems the greedy answer misses are solved by one of 8 samples
 
 # %% [markdown]
-# Sampling at temperature 1.0 is right far less often than greedy decoding: the model's
-# distribution has long tails of wrong digits. At 0.7 the tails are cut, and pass@8 is well above
+# A single sample is right far less often than the greedy answer: the model's distribution has
+# long tails of wrong digits. Yet pass@8 is about 92 % at both temperatures, some 20 points above
 # greedy accuracy. That gap is what RL harvests: GRPO turns "right in one of eight tries" into
-# "right on the first try". We sample rollouts at 0.7 (the issue of which temperature to sample at
-# is a real design choice: 1.0 is the policy itself, lower trades exploration for signal).
+# "right on the first try". What temperature 0.7 buys is more right samples per group (about half
+# instead of about a third), so more groups hold both right and wrong answers: more signal per step.
+# Sampling at temperature T means the policy being trained is softmax(logits / T): the
+# log-probabilities of section 5 are computed at the same T, so the samples really come from the
+# policy whose ratio and KL we compute (greedy answers do not change with T).
 
 # %% [markdown]
 # ## 2. The objective
@@ -133,7 +136,11 @@ for p, text, r in zip(demo.problems, demo.texts, r_demo.tolist()):
 # %% [markdown]
 # The reward is the task's verifier (1 for the exact answer) plus 0.1 for a well-formed answer
 # (digits, then the newline). Both are plain functions that return a verdict for *any* text, since
-# a policy under RL writes anything:
+# a policy under RL writes anything. The format bonus is small, but section 4's standardisation
+# scales every group to unit spread: in a group of seven well-formed wrong answers and one malformed
+# one, the 0.1 gap is pushed as hard as a right-versus-wrong gap would be. Here the model almost
+# always writes well-formed answers, so such groups are rare; with a fresh model they are the first
+# thing it learns.
 
 # %%
 p = task.make(123, 456)  # 579, written "975"
@@ -183,8 +190,8 @@ plt.show()
 
 # %% [markdown]
 # Try it yourself: the explorer below lets you set how many of each group's answers are right and
-# shows the advantages under each rule (it runs the same plain function; headless it just shows
-# its first state).
+# shows the advantages under each rule (a thin layer over `grpo.advantages_by_correct_count`, the
+# function the plots above use; it draws in a live notebook).
 
 # %%
 from moe_lab import widgets
@@ -246,7 +253,7 @@ def clipped_surrogate(ratio, advantage, eps):
     # END SOLUTION
 
 
-checks.check_clipped_surrogate(clipped_surrogate)
+checks.check_clipped_surrogate(clipped_surrogate)  # the per-token core of moe_lab.grpo.grpo_loss
 
 # %% [markdown]
 # The picture of PPO's clip: for a positive advantage the objective stops growing at $1+\varepsilon$
@@ -263,6 +270,23 @@ for edge in (0.8, 1.2):
 ax.set(xlabel="ratio ρ = π_θ / π_old", ylabel="per-token objective", title="clipped surrogate, ε = 0.2")
 ax.legend()
 plt.show()
+
+# %% [markdown]
+# Clipping only acts when the policy is updated more than once on the same rollouts (μ =
+# `inner_updates` > 1): at the first update π_θ *is* π_old and every ratio is exactly 1. Three
+# rollout batches with μ = 4, on a copy of the model, and the share of answer tokens whose ratio
+# was already clipped at each of the four updates:
+
+# %%
+import copy
+from dataclasses import replace
+
+cfg_mu = replace(grpo.grpo_preset(rt.mode), inner_updates=4, warmup_steps=0)
+mu_trainer = grpo.GRPOTrainer(copy.deepcopy(start_model), task, cfg_mu)
+for batch in range(3):
+    fractions = mu_trainer.step()["clip_fractions"]
+    print(f"batch {batch}: clipped share at updates 1-4: " + ", ".join(f"{f:.1%}" for f in fractions))
+    assert fractions[0] == 0 and max(fractions[1:]) > 0  # ratio 1 at the first update; then Adam's steps move it past ±ε
 
 # %% [markdown]
 # ## 7. From tokens to one loss: three aggregations
@@ -294,7 +318,7 @@ for how in grpo.AGGREGATIONS:
 #
 # `grpo.GRPOTrainer` repeats: sample `prompts_per_step` training problems × `group_size` answers
 # (step 1), score them (2), compute advantages (3), log-probs under π_old and π_ref (4), then μ =
-# `inner_updates` optimiser steps on the loss (5, 6). It logs reward, KL, clip fraction, answer
+# `inner_updates` optimiser steps on the loss (5, 6). It logs reward, KL, clipped share, answer
 # length and the experts' load, and evaluates greedy exact match on the same 500 held-out problems.
 # The preset for this machine:
 
@@ -306,13 +330,13 @@ print(cfg)
 # Two choices deserve a word. The router's **bias rule** (DeepSeek-V3's auxiliary-loss-free
 # balancing, notebook 03) is frozen during RL (`update_router_biases=False`): the RL data are
 # only additions, and the rule would re-balance the experts for that narrow diet, changing the
-# routing the reference model and the old policy were scored with. The MoE balance *loss* is
-# dropped (`balance_coef=0`): RL's small updates hardly move the load (section 10 measures it).
+# routing the reference model was scored with (in calibration, leaving it on gave noisier and
+# lower accuracy). This model has no balance *loss* to keep or drop: it balances with the bias rule
+# alone, so `balance_coef` matters only for models trained with `balance="aux_loss"`. μ = 1 as in
+# DeepSeekMath's experiments: one optimiser step per rollout batch, so clipping never acts here.
 
 # %%
-import copy
-
-policy = copy.deepcopy(start_model)
+policy = copy.deepcopy(start_model)  # start_model stays as it was, for the comparisons below
 trainer = grpo.GRPOTrainer(policy, task, cfg)
 t0 = time.perf_counter()
 hist = trainer.run(desc="GRPO")
@@ -322,33 +346,33 @@ print(f"held-out exact match: {greedy_start:.1%} -> {greedy_end:.1%} ({100 * (gr
       f"in {grpo_seconds:.0f} s ({cfg.steps} steps of {cfg.prompts_per_step} x {cfg.group_size} rollouts)")
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
-axes[0].plot(hist.step, hist.correct, lw=0.8, label="rollouts right (sampled, T=%.1f)" % cfg.temperature)
+fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
+axes[0].plot(hist.step, hist.reward, lw=0.8, label="mean reward of the rollouts (max 1.1)")
+axes[0].plot(hist.step, hist.correct, lw=0.8, label=f"rollouts right (sampled, T={cfg.temperature})")
 axes[0].plot(hist.eval_step, hist.eval_accuracy, "o-", label="held-out exact match (greedy)")
-axes[0].set(xlabel="GRPO step", ylabel="accuracy", title="reward and accuracy")
-axes[0].legend()
-axes[1].plot(hist.step, hist.kl, lw=0.8, label="KL to reference (k3, per token)")
-axes[1].plot(hist.step, hist.clip_fraction, lw=0.8, label="clipped share of tokens")
-axes[1].set(xlabel="GRPO step", title="how far the policy moves")
-axes[1].legend()
-axes[2].plot(hist.step, hist.zero_signal, lw=0.8, label="groups with no signal (all equal)")
-axes[2].plot(hist.step, [l / 5 for l in hist.length], lw=0.8, label="answer length / 5 tokens")
-axes[2].set(xlabel="GRPO step", title="signal and length")
-axes[2].legend()
+axes[0].set(xlabel="GRPO step", ylabel="reward / accuracy", title="reward and accuracy")
+axes[0].legend(fontsize=8)
+axes[1].plot(hist.step, hist.kl, lw=0.8)
+axes[1].set(xlabel="GRPO step", ylabel="k3 KL per answer token (nats)", title="distance to the reference")
+axes[2].plot(hist.step, hist.zero_signal, lw=0.8)
+axes[2].set(xlabel="GRPO step", ylabel="share of groups", title="groups with no signal (all rewards equal)")
+axes[3].plot(hist.step, hist.length, lw=0.8)
+axes[3].set(xlabel="GRPO step", ylabel="tokens", title="answer length (newline included)")
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The check. The improvement must be real, not noise: five runs of the CI preset with seeds 0–4,
-# measured on a 2-core CPU, ended between 85.0 % and 90.6 % from 70.4 % (a spread of 5.6 points
-# across seeds; evaluation noise on 500 problems is about ±2 points). We require a gain of at
-# least 10 points, well beyond that spread; the CPU preset (500 steps) aims at the course's target
+# The check. The improvement must be real, not noise: five runs of the CI preset (100 steps) with
+# seeds 0–4, measured on a 2-core CPU, ended between 83.4 % and 90.4 % from 70.4 % (a spread of 7.0
+# points across seeds; evaluation noise on 500 problems is about ±2 points). We require a gain of at
+# least 10 points, more than that spread; the CPU preset (500 steps) must reach the course's target
 # of +20 points.
 
 # %%
-SEED_SPREAD = 0.056  # measured: final accuracy of 5 seeds of the ci preset, max - min
+SEED_SPREAD = 0.070  # measured: final accuracy of 5 seeds of the ci preset, max - min
 required = 0.20 if rt.mode == "cpu" else 0.10
-assert greedy_end - greedy_start >= max(required, 1.5 * SEED_SPREAD), (greedy_start, greedy_end)
+assert required > SEED_SPREAD
+assert greedy_end - greedy_start >= required, (greedy_start, greedy_end)
 assert all(torch.isfinite(torch.tensor(hist.kl)))
 
 # %% [markdown]
@@ -393,7 +417,8 @@ print("load moved between experts (total variation, first vs last steps):", [f"{
 # Answer tokens (digits and the newline) were already concentrated on a few experts by pre-training
 # (notebook 04, section 5). RL with frozen biases moves only a few percent of the load: GRPO sharpens
 # *which digit* the experts produce more than *which expert* produces it. With the bias rule left on
-# (`update_router_biases=True`) the load would drift back towards uniform; try it.
+# (`update_router_biases=True`) the rule re-balances the load over every token the policy sees in
+# its update (prompts and padding included); try it and compare the curves.
 #
 # ## 11. GRPO versus REINFORCE with a mean baseline
 #
@@ -402,10 +427,8 @@ print("load moved between experts (total variation, first vs last steps):", [f"{
 # number of steps:
 
 # %%
-from dataclasses import replace
-
 compare_steps = min(cfg.steps, 200)
-cfg_rf = replace(cfg, steps=compare_steps, advantage="batch_mean", beta=0.0)
+cfg_rf = replace(cfg, steps=compare_steps, advantage="batch_mean", beta=0.0)  # no group baseline, no std, no KL
 rf_hist = grpo.GRPOTrainer(copy.deepcopy(start_model), task, cfg_rf).run(desc="REINFORCE")
 fig, ax = plt.subplots(figsize=(6, 3.4))
 ax.plot(hist.eval_step, hist.eval_accuracy, "o-", label="GRPO")
@@ -417,8 +440,8 @@ grpo_at = dict(zip(hist.eval_step, hist.eval_accuracy))[compare_steps]
 print(f"after {compare_steps} steps: GRPO {grpo_at:.1%}, REINFORCE {rf_hist.eval_accuracy[-1]:.1%}")
 
 # %% [markdown]
-# On this task the two land close: in our calibration (3 seeds, 100 steps) REINFORCE reached
-# 84–88 % and GRPO 85–91 %. The rewards are binary and every prompt has the same difficulty scale,
+# On this task the two land close: in our calibration (100 steps) REINFORCE reached 80.8–87.0 %
+# (3 seeds) and GRPO 83.4–90.4 % (5 seeds). The rewards are binary and every prompt has the same difficulty scale,
 # so a batch-wide baseline is nearly as good as a per-prompt one. GRPO's group baseline pays off
 # when prompts differ widely in difficulty (an easy prompt's all-right group should not be pushed
 # up, a hard one's all-wrong group not pushed down), which is the situation of R1-style training on
@@ -440,7 +463,8 @@ print(f"after {compare_steps} steps: GRPO {grpo_at:.1%}, REINFORCE {rf_hist.eval
 # - A model that is sometimes right (pass@8 above greedy accuracy) can learn from its own samples.
 # - GRPO's advantage is the reward standardised within the group of answers to one prompt; equal
 #   rewards give zero advantage and no signal.
-# - The clipped ratio bounds each update; the k3 KL (never negative) keeps the policy near the reference.
+# - With several updates per batch (μ > 1) the clipped ratio bounds how far each batch moves the
+#   policy; the k3 KL (never negative) keeps it near the reference.
 # - How token terms are averaged (per answer, per token, by a constant) is a real choice with known biases.
 # - On held-out 3-digit additions, GRPO raised greedy exact match far beyond the spread across seeds,
 #   and barely moved the experts' load.

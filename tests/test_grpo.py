@@ -236,8 +236,13 @@ def test_advantages_by_correct_count_matches_hand_values():
 def test_advantage_explorer_builds_headless():
     from moe_lab import widgets
 
+    import matplotlib
+
+    matplotlib.use("Agg")
     w = widgets.advantage_explorer(group_size=4, n_groups=2)
-    assert w is not None
+    assert [c.description for c in w.children[:2]] == ["group 0", "group 1"]
+    assert [c.value for c in w.children[:2]] == [1, 2] and w.children[0].max == 4
+    w.children[0].value = 3  # moving a slider redraws without error
 
 
 def test_sampled_accuracy_counts_pass_at_k():
