@@ -140,19 +140,10 @@ def environment_table(rt: Runtime) -> list[tuple[str, str]]:
 
 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
-    """Median TFLOP/s of an n x n x n matmul on this device (2 n^3 FLOPs each), after a warm-up."""
-    import time
+    """Median TFLOP/s of an n x n x n matmul on this device (2 n^3 FLOPs each), after a warm-up.
 
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:  # the first two are warm-up
-            times.append(time.perf_counter() - t0)
-    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+    The compute roof of notebook 07, measured by the same timer (moe_lab.profiling.bench_ms)."""
+    from moe_lab.profiling import measure_matmul_ceiling
+
+    flops, _ = measure_matmul_ceiling(device, dtype, n, repeats=repeats)
+    return flops / 1e12
