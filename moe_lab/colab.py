@@ -7,7 +7,7 @@ then the setup cells and badges (the test lists every place that disagrees).
 """
 REPO = "moe-lab/moe-lab"  # GitHub owner/name of the course (a placeholder until it is published)
 BRANCH = "main"  # the branch Colab opens notebooks from
-PIP_SPEC = f"moe-lab[lab] @ git+https://github.com/{REPO}"  # what the setup cell installs on Colab
+PIP_SPEC = f"moe-lab @ git+https://github.com/{REPO}"  # what the setup cell installs on Colab: no [lab] extra (Colab has its own Jupyter)
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
 

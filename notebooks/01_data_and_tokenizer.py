@@ -30,7 +30,7 @@
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab[lab] @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 

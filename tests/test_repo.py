@@ -124,6 +124,7 @@ def test_setup_cell_installs_the_package_without_torch_or_triton(py):
     args = [e.value for e in calls[0].elts if isinstance(e, ast.Constant)]
     assert args[:3] == ["-m", "pip", "install"], args
     assert colab.PIP_SPEC in args, f"{py.name}: the setup cell must install {colab.PIP_SPEC!r}, found {args}"
+    assert "[lab]" not in colab.PIP_SPEC  # JupyterLab on Colab would upgrade the jupyter packages Colab pins
     assert not [a for a in args if re.search(r"\b(torch|triton)\b", a)], f"{py.name}: pip line names torch/triton: {args}"
 
 
