@@ -31,7 +31,7 @@
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab[lab] @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -58,13 +58,14 @@ moe_active = Transformer(p.moe).n_params(active=True)
 assert abs(moe_active - dense_active) / dense_active < 0.05  # equal active size (the router adds a little)
 
 # %% [markdown]
-# Two pieces of the training loop `moe_lab.train.train` are yours to write first.
+# Two pieces of the training loop `moe_lab.train.train` are yours to rewrite first; the checker
+# compares them with the library's (`lr_at` and the model's masked loss), which the training below uses.
 #
 # **Exercise: the learning-rate schedule.** Linear warm-up, then cosine decay (`cfg` is a
 # `TrainConfig`). Step `s < warmup_steps` (counting from 0) trains at `lr * (s + 1) / warmup_steps`,
 # so the first step already learns and step `warmup_steps - 1` reaches `lr`. After that, with
-# `progress` going from 0 to 1 over the remaining `steps - warmup_steps` steps, the rate is
-# `lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi * progress)))`.
+# `progress = (s - warmup_steps) / (steps - warmup_steps)`, clamped to at most 1 (steps past the
+# end stay at the minimum), the rate is `lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi * progress)))`.
 
 # %%
 import math

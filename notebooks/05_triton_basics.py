@@ -38,7 +38,7 @@
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab[lab] @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -642,8 +642,8 @@ def swiglu_act_kernel(
     # END SOLUTION
 
 
-def swiglu_act(a, b, block=1024):
-    out = torch.empty_like(a)
+def swiglu_act(a, b, block=1024, out=None):  # out: where to write (the checker passes its own buffer)
+    out = torch.empty_like(a) if out is None else out
     swiglu_act_kernel[(triton.cdiv(a.numel(), block),)](a, b, out, a.numel(), BLOCK=block)
     return out
 

@@ -91,6 +91,13 @@ def _dtype_ok(device_type, capability=None):
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
+def _lr_unclamped(step, cfg):  # the cosine runs on past `steps` and climbs again
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
 def _lr_linear(step, cfg):
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -146,6 +153,7 @@ CASES.update({
         (lambda pid, n_m, n_n, gm: (min(_tile_no_short_group(pid, n_m, n_n, gm)[0], n_m - 1), _tile_no_short_group(pid, n_m, n_n, gm)[1]), "two programs"),
         (_tile_no_short_group, "outside the grid"),
         (lambda pid, n_m, n_n, gm: _tile_right(pid, n_m, n_n, gm)[::-1] if n_m == n_n else _tile_right(pid, n_m, n_n, gm), "program 1 gets tile"),
+        (lambda pid, n_m, n_n, gm: tuple(float(v) for v in _tile_right(pid, n_m, n_n, gm)), "integer division"),
     ]),
     "check_dtype_policy": (_dtype_ok, [
         (lambda t, c=None: torch.float32 if t != "cuda" else torch.bfloat16, "T4.*no bf16|only capability 8.0"),
@@ -174,6 +182,7 @@ CASES.update({
         (lambda s, c: c.lr if s < c.warmup_steps else lr_at(s, c), "no warm-up"),
         (lambda s, c: lr_at(s, c) if s < c.warmup_steps else c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - c.warmup_steps) / (c.steps - c.warmup_steps)))), "not at 0"),
         (_lr_linear, "decays linearly"),
+        (_lr_unclamped, "clamp progress to 1"),
     ]),
     "check_masked_loss": (_masked_right, [
         (lambda lg, y, m: _nll(lg, y).mean(), "mask is ignored"),
@@ -246,3 +255,17 @@ def test_checker_fails_a_stub(name):
 
     with pytest.raises(checks.CheckFailed, match="not implemented yet"):
         getattr(checks, name)(stub)
+
+
+def test_expert_backend_checker_accepts_indexed_accumulation():
+    """`y[tokens] += ...` (advanced indexing) is right for any top-k routing, whose experts within a row
+    are distinct: the checker must not feed it a row that names one expert twice."""
+    def indexed(x, idx, w, w1, w3, w2):
+        y = torch.zeros_like(x)
+        for e in range(w1.shape[0]):
+            tokens, slots = (idx == e).nonzero(as_tuple=True)
+            h = F.silu(x[tokens] @ w1[e]) * (x[tokens] @ w3[e])
+            y[tokens] += (h @ w2[e]) * w[tokens, slots, None]
+        return y
+
+    checks.check_expert_backend(indexed)

@@ -27,12 +27,15 @@ def _act_kernel(a_ptr, b_ptr, out_ptr, n, VARIANT: tl.constexpr, BLOCK: tl.const
         out = b * tl.sigmoid(b) * a
     else:  # sigmoid instead of silu
         out = tl.sigmoid(a) * b
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if VARIANT == 3:  # the store is not masked: the last block writes past the end
+        tl.store(out_ptr + offs, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _act(variant=0, floor_grid=False):
-    def launch(a, b, block=1024):
-        out = torch.zeros_like(a)
+    def launch(a, b, block=1024, out=None):
+        out = torch.zeros_like(a) if out is None else out
         grid = (a.numel() // block if floor_grid else triton.cdiv(a.numel(), block),)
         _act_kernel[grid](a, b, out, a.numel(), VARIANT=variant, BLOCK=block)
         return out
@@ -52,14 +55,22 @@ def _combine_kernel(buf_ptr, idx_ptr, y_ptr, T, d, TOP_K: tl.constexpr, VARIANT:
         routed = tl.load(idx_ptr + a, mask=t_ok, other=-1) >= 0
         if VARIANT == 1:  # reads dropped slots too
             routed = t_ok
-        acc += tl.load(buf_ptr + a[:, None] * d + offs_d[None, :], mask=routed[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+        if VARIANT == 4:  # (no column mask) the load reads into the next row
+            acc += tl.load(buf_ptr + a[:, None] * d + offs_d[None, :], mask=routed[:, None], other=0.0).to(tl.float32)
+        else:
+            acc += tl.load(buf_ptr + a[:, None] * d + offs_d[None, :], mask=routed[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    if VARIANT == 3:  # the store is not masked on T: the last block writes past y's last row
+        tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=d_ok[None, :])
+    elif VARIANT == 4:  # no column mask anywhere: a row's last block spills into the next row
+        tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None])
+    else:
+        tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
 
 
 def _combine(variant=0):
-    def launch(buf, idx, block_t=8, block_d=16):
+    def launch(buf, idx, block_t=8, block_d=16, out=None):
         T, k = idx.shape
-        y = torch.zeros(T, buf.shape[1], device=buf.device, dtype=buf.dtype)
+        y = torch.zeros(T, buf.shape[1], device=buf.device, dtype=buf.dtype) if out is None else out
         grid = (triton.cdiv(T, block_t), triton.cdiv(buf.shape[1], block_d))
         _combine_kernel[grid](buf, idx.reshape(-1).contiguous(), y, T, buf.shape[1], TOP_K=k, VARIANT=variant,
                               BLOCK_T=block_t, BLOCK_D=block_d)
@@ -105,11 +116,14 @@ CASES = {
         (_act(variant=1), "swapped"),
         (_act(variant=2), "sigmoid\\(a\\) \\* b"),
         (_act(floor_grid=True), "last, partial block"),
+        (_act(variant=3), "wrote past element n-1"),
     ]),
     "check_combine": (_combine(), [
         (_combine(variant=1), "dropped slot"),
         (_combine(variant=2), "only slot j = 0"),
         (_combine_racy, "different bits"),
+        (_combine(variant=3), "wrote past the last row"),
+        (_combine(variant=4), "offs_d < d"),
     ]),
     "check_rows_to_token_expert": (_rows_right, [
         (_rows_no_padding, "padding rows"),

@@ -15,14 +15,6 @@ def _ok(name: str) -> None:
     print(f"✅ {name}: correct")
 
 
-def call(name: str, fn: Callable, *args, **kwargs):
-    """Call a learner's function; a stub still raising NotImplementedError becomes a plain CheckFailed."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError as e:
-        raise CheckFailed(f"{name}: not implemented yet ({e})") from None
-
-
 def checker(fn: Callable) -> Callable:
     """Decorate a checker: a learner's stub (NotImplementedError) is reported as 'not implemented yet'."""
     @functools.wraps(fn)

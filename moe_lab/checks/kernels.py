@@ -58,7 +58,12 @@ def check_tile_of(tile_of: Callable) -> None:
         return first + (pid % per_group) % rows, (pid % per_group) // rows
 
     for n_m, n_n, gm in [(4, 4, 1), (8, 8, 4), (7, 5, 3), (5, 3, 2), (3, 6, 4)]:
-        got = [tuple(int(v) for v in tile_of(p, n_m, n_n, gm)) for p in range(n_m * n_n)]
+        raw = [tile_of(p, n_m, n_n, gm) for p in range(n_m * n_n)]
+        floats = [t for t in raw if any(isinstance(v, float) for v in t)]
+        if floats:
+            raise CheckFailed(f"check_tile_of: program indices must be integers, got {floats[0]}: use integer division "
+                              f"`//` (in Triton too, `/` gives a float)")
+        got = [tuple(int(v) for v in t) for t in raw]
         expected = [reference(p, n_m, n_n, gm) for p in range(n_m * n_n)]
         if got == expected:
             continue
@@ -79,32 +84,69 @@ def check_tile_of(tile_of: Callable) -> None:
     _ok("check_tile_of")
 
 
+def _call_with_out(name: str, launcher: Callable, args: tuple, out: torch.Tensor):
+    """Run the launcher writing into `out` (a view whose storage continues past its end, so a store
+    the kernel forgot to mask lands in the guard, not in someone else's memory); launchers without
+    an `out=` argument allocate their own."""
+    try:
+        return _launch(name, lambda: launcher(*args, out=out))
+    except CheckFailed as err:
+        if "unexpected keyword argument 'out'" not in str(err):
+            raise
+        return _launch(name, launcher, *args)
+
+
+def _guarded(n_rows: int, row_shape: tuple, guard_rows: int, dtype, dev, fill: float = float("nan")):
+    """A tensor of n_rows + guard_rows rows filled with `fill`: returns (the first n_rows, the guard)."""
+    big = torch.full((n_rows + guard_rows, *row_shape), fill, dtype=dtype, device=dev)
+    return big[:n_rows], big[n_rows:]
+
+
+def _guard_intact(guard: torch.Tensor, fill: float = float("nan")) -> bool:
+    return bool(torch.isnan(guard).all()) if fill != fill else bool((guard == fill).all())
+
+
 @checker
 def check_swiglu_act(swiglu_act: Callable) -> None:
-    """swiglu_act(a, b) -> silu(a) * b, elementwise, by a Triton kernel (any length, not a multiple of the block)."""
+    """swiglu_act(a, b, out=None) -> silu(a) * b, elementwise, by a Triton kernel (any length).
+
+    First a length that is a multiple of the block, then ragged ones. Inputs and output are views
+    of larger buffers whose tails hold NaN, so a load or store the kernel forgot to mask shows (and
+    cannot corrupt memory)."""
     dev = _device()
     g = torch.Generator().manual_seed(11)
+    guard = 4096  # more than any block size the launcher may use
+    exact_ok = False
     for dtype in _dtypes():
-        for n in (5_003, 37):
-            a = (torch.randn(n, generator=g) * 3).to(dev, dtype)
-            b = torch.randn(n, generator=g).to(dev, dtype)
-            got = _launch("check_swiglu_act", swiglu_act, a, b)
-            expected = (F.silu(a.float()) * b.float()).to(dtype)
+        for n in (2048, 5_003, 37):
+            a_v, _ = _guarded(n, (), guard, dtype, dev)
+            b_v, _ = _guarded(n, (), guard, dtype, dev)
+            a_v.copy_((torch.randn(n, generator=g) * 3).to(dev, dtype))
+            b_v.copy_(torch.randn(n, generator=g).to(dev, dtype))
+            out_v, out_guard = _guarded(n, (), guard, dtype, dev)
+            got = _call_with_out("check_swiglu_act", swiglu_act, (a_v, b_v), out_v)
+            expected = (F.silu(a_v.float()) * b_v.float()).to(dtype)
             rtol, atol = _tol(dtype)
-            if not isinstance(got, torch.Tensor) or got.shape != a.shape:
+            where = f"({dtype}, n={n})"
+            ragged = n % 1024 != 0
+            if got is out_v or (isinstance(got, torch.Tensor) and got.data_ptr() == out_v.data_ptr()):
+                if not _guard_intact(out_guard):
+                    raise CheckFailed(f"check_swiglu_act {where}: the kernel wrote past element n-1 = {n - 1} of the "
+                                      f"output: the last block is partial, so mask the store with offs < n")
+            if not isinstance(got, torch.Tensor) or got.shape != a_v.shape:
                 _compare("check_swiglu_act", got, expected)
             i = _first_bad(got, expected, rtol, atol)
             if i is None:
+                exact_ok = exact_ok or not ragged
                 continue
-            where = f"({dtype}, n={n})"
-            if torch.allclose(got.float(), F.silu(b.float()) * a.float(), rtol=rtol, atol=atol):
+            if torch.allclose(got.float(), F.silu(b_v.float()) * a_v.float(), rtol=rtol, atol=atol):
                 raise CheckFailed(f"check_swiglu_act {where}: a and b are swapped: the gate silu applies to a (x @ w1)")
-            if torch.allclose(got.float(), torch.sigmoid(a.float()) * b.float(), rtol=rtol, atol=atol):
+            if torch.allclose(got.float(), torch.sigmoid(a_v.float()) * b_v.float(), rtol=rtol, atol=atol):
                 raise CheckFailed(f"check_swiglu_act {where}: that is sigmoid(a) * b; silu(a) = a * sigmoid(a)")
-            if i > 0 and _first_bad(got[:i], expected[:i], rtol, atol) is None and \
-                    not torch.isclose(got[i:].float(), expected[i:].float(), rtol=rtol, atol=atol).any():
-                raise CheckFailed(f"check_swiglu_act {where}: elements 0..{i - 1} are right, every one from {i} on is "
-                                  f"wrong: is the last, partial block launched (triton.cdiv) and masked correctly?")
+            if ragged and exact_ok:
+                raise CheckFailed(f"check_swiglu_act {where}: right when n is a multiple of the block, wrong from element "
+                                  f"{i} of a ragged n: is the last, partial block launched (triton.cdiv) and are its "
+                                  f"loads and store masked with offs < n?")
             _compare(f"check_swiglu_act {where}", got, expected, atol=atol, rtol=rtol)
     _ok("check_swiglu_act")
 
@@ -156,31 +198,53 @@ def check_rows_to_token_expert(rows_to_token_expert: Callable) -> None:
 
 @checker
 def check_combine(combine: Callable) -> None:
-    """combine(buf (T*top_k, d), expert_idx (T, top_k)) -> y (T, d): routed slots summed in order j = 0, 1, ..."""
+    """combine(buf (T*top_k, d), expert_idx (T, top_k), out=None) -> y (T, d): routed slots summed in order j = 0, 1, ...
+
+    First T and d that are multiples of the launcher's blocks, then ragged ones. buf, expert_idx and
+    the output are views of larger buffers (guard rows: NaN in buf and y, expert 0 in expert_idx),
+    so a missing mask shows as a changed guard or a wrong value, never as a crash."""
     dev = _device()
     g = torch.Generator().manual_seed(13)
+    exact_ok = False
+    guard = 64  # guard rows, more than any BLOCK_T the launcher may use
     for dtype in _dtypes():
-        for T, k, d in [(37, 2, 24), (5, 3, 40)]:
+        for T, k, d in [(16, 2, 32), (37, 2, 24), (5, 3, 40)]:
+            ragged = T % 8 != 0 or d % 16 != 0  # the launcher's default block_t=8, block_d=16
             idx = torch.randint(0, 4, (T, k), generator=g).masked_fill(torch.rand(T, k, generator=g) < 0.25, -1)
             idx[0] = -1  # a token with every assignment dropped
-            buf = torch.randn(T * k, d, generator=g).masked_fill(idx.reshape(-1, 1) < 0, float("nan"))
-            buf, idx = buf.to(dev, dtype), idx.to(dev)
-            routed = (idx >= 0)[..., None]  # (T, k, 1)
+            values = torch.randn(T * k, d, generator=g).masked_fill(idx.reshape(-1, 1) < 0, float("nan"))
+            buf, _ = _guarded(T * k, (d,), guard * k, dtype, dev)  # (wide guard: a load without a mask on T reads it)
+            buf.copy_(values.to(dev, dtype))
+            idx_v, _ = _guarded(T, (k,), guard, torch.long, dev, fill=0)
+            idx_v.copy_(idx.to(dev))
+            out_v, out_guard = _guarded(T, (d,), guard, dtype, dev)
+            routed = (idx_v >= 0)[..., None]  # (T, k, 1)
             expected = torch.where(routed, buf.view(T, k, d).float(), 0.0).sum(1).to(dtype)  # (T, d)
-            got = _launch("check_combine", combine, buf, idx)
+            got = _call_with_out("check_combine", combine, (buf, idx_v), out_v)
             where = f"({dtype}, T={T}, top_k={k}, d={d})"
+            if isinstance(got, torch.Tensor) and got.data_ptr() == out_v.data_ptr() and not _guard_intact(out_guard):
+                raise CheckFailed(f"check_combine {where}: the kernel wrote past the last row of y: mask the store with "
+                                  f"offs_t < T (and offs_d < d)")
+            rtol, atol = _tol(dtype)
             if isinstance(got, torch.Tensor) and got.shape == expected.shape:
+                wrong = _first_bad(got, expected, rtol, max(atol, 1e-5))
+                if wrong is not None and ragged and exact_ok:
+                    t, c = divmod(wrong, d)
+                    raise CheckFailed(f"check_combine {where}: right when T and d are multiples of the blocks, wrong at "
+                                      f"token {t}, column {c} here: mask the ragged edges, offs_t < T and offs_d < d, "
+                                      f"in the loads and in the store")
                 if torch.isnan(got.float()).any():
                     t = int(torch.isnan(got.float()).any(1).nonzero()[0])
                     raise CheckFailed(f"check_combine {where}: token {t}'s output is NaN: a dropped slot (expert -1) was "
                                       f"read; its buffer row holds NaN here and must be skipped")
                 only_first = torch.where(routed[:, :1], buf.view(T, k, d)[:, :1].float(), 0.0).sum(1).to(dtype)
-                if torch.allclose(got.float(), only_first.float(), rtol=_tol(dtype)[0], atol=_tol(dtype)[1]):
+                if torch.allclose(got.float(), only_first.float(), rtol=rtol, atol=atol):
                     raise CheckFailed(f"check_combine {where}: only slot j = 0 is added: loop over all TOP_K slots")
-            rtol, atol = _tol(dtype)
             _compare(f"check_combine {where}", got, expected, atol=max(atol, 1e-5), rtol=rtol)
-            again = _launch("check_combine", combine, buf, idx)
-            if not torch.equal(again, got):
+            exact_ok = exact_ok or not ragged
+            first = got.clone()
+            again = _call_with_out("check_combine", combine, (buf, idx_v), out_v)
+            if not torch.equal(again, first):
                 raise CheckFailed(f"check_combine {where}: two runs give different bits: sum the slots in a fixed "
                                   f"order, without atomics")
     _ok("check_combine")

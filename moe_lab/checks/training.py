@@ -31,6 +31,8 @@ def check_lr_schedule(schedule: Callable) -> None:
         hint = "; there is no warm-up: the first warmup_steps steps rise linearly to lr"
     elif s >= cfg.warmup_steps and math.isclose(got[cfg.steps], 0.0, abs_tol=1e-12):
         hint = "; the cosine must end at lr * min_lr_ratio, not at 0"
+    elif s >= cfg.steps and all(s2 >= cfg.steps for s2 in bad):
+        hint = "; every step up to steps-1 is right: from `steps` on, clamp progress to 1 (the rate stays at the minimum)"
     elif s >= cfg.warmup_steps:
         p = (s - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)
         if math.isclose(got[s], cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - p)), rel_tol=1e-6):
