@@ -141,7 +141,7 @@ def lab(tmp_path):
     jupyter = ROOT / ".venv" / "bin" / "jupyter"  # as make lab runs it
     if not jupyter.exists():  # another environment (conda): the jupyter beside this Python
         jupyter = Path(sys.executable).parent / "jupyter"
-    cmd = [str(jupyter), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+    cmd = [str(jupyter), "lab", "--no-browser", f"--port={port}", "--ServerApp.port_retries=0", "--ip=127.0.0.1",
            f"--IdentityProvider.token={token}", "--ServerApp.password=",
            "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     if os.geteuid() == 0:
@@ -205,7 +205,7 @@ def kernel_idle(base: str, token: str, name: str) -> bool:
     return any(s["path"].endswith(name) and s["kernel"]["execution_state"] == "idle" for s in sessions)
 
 
-def open_and_run_all(page, base: str, token: str, name: str) -> list[str]:
+def open_and_run_all(page, base: str, token: str, name: str, fail_fast: bool = True) -> list[str]:
     """Open notebook `name`, wait for its kernel, run all cells from the Run menu, wait until every
     code cell has an execution count and the kernel is idle. Returns the prompts."""
     # a workspace of its own per notebook: JupyterLab reopens nothing else in the page
@@ -232,6 +232,9 @@ def open_and_run_all(page, base: str, token: str, name: str) -> list[str]:
         shown = prompts(page)
         if shown and all(re.fullmatch(r"\[\d+\]:", p) for p in shown) and indicator.count():
             return shown
+        errors = error_outputs(page) if fail_fast else []
+        if errors:  # Run All stops at a failing cell: say why now rather than wait for the timeout
+            raise AssertionError(f"{name}: a cell failed:\n{errors[0][-3000:]}")
         page.wait_for_timeout(500)
     raise AssertionError(f"{name}: not every cell ran within {RUN_TIMEOUT_S} s; prompts {prompts(page)}")
 
@@ -252,7 +255,7 @@ def test_notebook_runs_in_a_real_browser(lab):
         browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            open_and_run_all(page, base, token, "zz_broken.ipynb")
+            open_and_run_all(page, base, token, "zz_broken.ipynb", fail_fast=False)
             seen = error_outputs(page)
             assert seen and "ZeroDivisionError" in seen[0], f"the error check missed 1 / 0: {seen}"
 
