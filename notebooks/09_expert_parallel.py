@@ -122,6 +122,8 @@ assert all_to_all_sim(all_to_all_sim(chunks)) == chunks  # exchanging twice brin
 # %%
 import torch
 
+from moe_lab.distributed.simulate import all_to_all_sim  # the library's, the same as yours once the check passes
+
 torch.manual_seed(0)
 W_demo, sizes = 3, torch.tensor([[2, 0, 1], [1, 3, 2], [0, 1, 1]])  # sizes[src, dst]: rows sent
 sent = [[torch.randn(int(sizes[s, t]), 4, requires_grad=True) for t in range(W_demo)] for s in range(W_demo)]
@@ -340,7 +342,9 @@ assert all(c == r for r, rows in enumerate(dispatch_recv) for _, c in rows)  # a
 #
 # A row is $d$ numbers: $d \times 8$ bytes in float64, $d\times 2$ in bf16. Dropped copies (-1,
 # beyond capacity) never travel. **Exercise**: write the count as a function. Rank r owns experts
-# `r * E_local` to `(r + 1) * E_local - 1`.
+# `r * E_local` to `(r + 1) * E_local - 1`. (From section 6 on, the notebook uses the library's
+# `moe_lab.distributed.simulate.bytes_by_hand`, as section 2's exercise is replaced by
+# `simulate.all_to_all_sim` after its check, so the later sections run before you solve these.)
 
 # %%
 def bytes_by_hand(idxs, n_experts, row_bytes, count_bytes=8):
@@ -420,6 +424,7 @@ assert layer_ratio < machine_ratio  # across nodes, moving a token costs more ti
 import time
 from dataclasses import replace
 from moe_lab.distributed import launch
+from moe_lab.distributed.simulate import bytes_by_hand  # the library's count, the same as yours once checked
 from moe_lab.distributed.workers import moe_layer_runs
 
 cfg_cap = replace(cfg, capacity_factor=1.0)

@@ -292,3 +292,16 @@ def test_torchrun_entry_point_checks_and_reports_bytes():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "match (tolerance" in out.stdout and "bytes moved per rank" in out.stdout
     assert out.stdout.count("\n  0 ") == 1 and out.stdout.count("\n  1 ") == 1  # one line per rank
+
+
+def test_simulated_all_to_all_and_byte_count_match_the_real_exchange_definitions():
+    from moe_lab.distributed.simulate import all_to_all_sim, bytes_by_hand
+
+    chunks = [[(s, d) for d in range(3)] for s in range(3)]
+    assert all_to_all_sim(chunks) == [[(s, d) for s in range(3)] for d in range(3)]
+    assert all_to_all_sim(all_to_all_sim(chunks)) == chunks
+    idxs = [torch.tensor([[0, 3], [1, -1]]), torch.tensor([[2, 3], [0, 1]])]  # 4 experts on 2 ranks
+    per_rank, rows = bytes_by_hand(idxs, 4, row_bytes=10)
+    assert rows.tolist() == [[2, 1], [2, 2]]  # rank 0 sends expert 3's copy to rank 1; rank 1 sends 0 and 1 home to rank 0
+    assert per_rank[0]["dispatch"] == (10, 20) and per_rank[1]["dispatch"] == (20, 10)
+    assert per_rank[0]["combine"] == (20, 10) and per_rank[0]["counts"] == (16, 16)

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 
 from moe_lab.checks.common import CheckFailed, _ok, checker
+from moe_lab.distributed.simulate import all_to_all_sim
+from moe_lab.distributed.simulate import bytes_by_hand as reference_bytes
 
 PHASES = ("counts", "dispatch", "combine", "combine.backward", "dispatch.backward")
 
@@ -16,7 +18,7 @@ def check_all_to_all_sim(all_to_all: Callable) -> None:
     """all_to_all(chunks[src][dst]) -> received[dst][src]: rank dst receives chunk dst of every rank, in rank order."""
     for W in (3, 4, 1):
         chunks = [[f"{src}→{dst}" for dst in range(W)] for src in range(W)]
-        expected = [[chunks[src][dst] for src in range(W)] for dst in range(W)]
+        expected = all_to_all_sim(chunks)
         got = all_to_all([list(row) for row in chunks])
         if not isinstance(got, (list, tuple)) or len(got) != W or \
                 any(not isinstance(row, (list, tuple)) or len(row) != W for row in got):
@@ -35,7 +37,7 @@ def check_all_to_all_sim(all_to_all: Callable) -> None:
 
 
 def _bytes(idxs, n_experts, row_bytes, count_bytes=8, local=False, dropped=False, swap=True):
-    """The reference count; the flags reproduce plausible mistakes so the checker can name them."""
+    """simulate.bytes_by_hand with flags that reproduce plausible mistakes, so the checker can name them."""
     W = len(idxs)
     E_local = n_experts // W
     rows = torch.zeros(W, W, dtype=torch.long)
@@ -65,7 +67,7 @@ def check_bytes_by_hand(bytes_by_hand: Callable) -> None:
     idxs = [torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(6)]) for _ in range(W)]
     idxs[1][0, 1] = -1  # dropped copies
     idxs[2][3, 0] = -1
-    expected, exp_rows = _bytes(idxs, E, row_bytes)
+    expected, exp_rows = reference_bytes(idxs, E, row_bytes)
     out = bytes_by_hand([i.clone() for i in idxs], E, row_bytes)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise CheckFailed("check_bytes_by_hand: return (per_rank, rows): a list of {phase: (sent, received)} dicts "
