@@ -269,3 +269,12 @@ def test_expert_backend_checker_accepts_indexed_accumulation():
         return y
 
     checks.check_expert_backend(indexed)
+
+
+def test_a_torch_not_implemented_error_is_not_called_a_stub():
+    def uses_missing_op(*args):
+        raise NotImplementedError("aten::something is not implemented for 'Half'")
+
+    with pytest.raises(checks.CheckFailed, match="not implemented here") as err:
+        checks.check_rmsnorm(uses_missing_op)
+    assert "not implemented yet" not in str(err.value)

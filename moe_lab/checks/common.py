@@ -16,13 +16,17 @@ def _ok(name: str) -> None:
 
 
 def checker(fn: Callable) -> Callable:
-    """Decorate a checker: a learner's stub (NotImplementedError) is reported as 'not implemented yet'."""
+    """Decorate a checker: a learner's stub (NotImplementedError("Your turn: ...")) is reported as 'not
+    implemented yet'; any other NotImplementedError (an operation torch lacks here) says so instead."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except NotImplementedError as e:
-            raise CheckFailed(f"{fn.__name__}: not implemented yet ({e})") from None
+            if "your turn" in str(e).lower():  # the stub of a learner notebook
+                raise CheckFailed(f"{fn.__name__}: not implemented yet ({e})") from None
+            raise CheckFailed(f"{fn.__name__}: your code called something that is not implemented here "
+                              f"(NotImplementedError: {e}); try another torch operation or dtype") from e
     return wrapped
 
 
