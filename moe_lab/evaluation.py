@@ -15,9 +15,18 @@ from moe_lab.data.tokenizer import TOKENIZER
 
 
 @torch.no_grad()
-def solve(model, problems: Sequence[Problem], temperature: float = 0.0, top_k: Optional[int] = None,
-          generator: Optional[torch.Generator] = None, max_new_tokens: Optional[int] = None, tok=TOKENIZER) -> list[str]:
-    """The model's completion (text after the prompt, up to and including the first newline) of each problem."""
+def generate_completions(model, problems: Sequence[Problem], repeats: int = 1, temperature: float = 0.0,
+                         top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                         max_new_tokens: Optional[int] = None, tok=TOKENIZER) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of every problem, `repeats` times each, in rows i * repeats + j.
+
+    A completion stops after its first newline (included); without one it has max_new_tokens ids.
+    Used by solve() (greedy answers) and moe_lab.grpo.sample_rollouts (groups of samples).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: expected an integer >= 1")
+    if not problems:
+        raise ValueError("generate_completions: no problems given")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -25,16 +34,30 @@ def solve(model, problems: Sequence[Problem], temperature: float = 0.0, top_k: O
     by_len = defaultdict(list)
     for i, p in enumerate(problems):
         by_len[len(p.prompt)].append(i)
-    out: list[str] = [""] * len(problems)
+    out: list = [None] * (len(problems) * repeats)
     for _, idxs in sorted(by_len.items()):
         prompts = torch.tensor([[tok.newline_id] + tok.encode(problems[i].prompt) for i in idxs], device=device)
+        prompts = prompts.repeat_interleave(repeats, dim=0)  # (n * repeats, T0): each prompt `repeats` times in a row
         seqs = model.generate(prompts, max_new, temperature=temperature, top_k=top_k,
                               stop_token=tok.newline_id, generator=generator)
-        for i, row in zip(idxs, seqs[:, prompts.shape[1]:].tolist()):
-            text = tok.decode(row, skip_special=False)  # exactly what was written: "97<pad>5" is not "975"
-            out[i] = text[: text.index("\n") + 1] if "\n" in text else text
+        for r, row in enumerate(seqs.tolist()):
+            prompt, completion = row[: prompts.shape[1]], row[prompts.shape[1]:]
+            if tok.newline_id in completion:  # cut after the stop token (later ones are filler)
+                completion = completion[: completion.index(tok.newline_id) + 1]
+            out[idxs[r // repeats] * repeats + r % repeats] = (prompt, completion)
     model.train(was_training)
     return out
+
+
+def solve(model, problems: Sequence[Problem], temperature: float = 0.0, top_k: Optional[int] = None,
+          generator: Optional[torch.Generator] = None, max_new_tokens: Optional[int] = None, tok=TOKENIZER) -> list[str]:
+    """The model's completion (text after the prompt, up to and including the first newline) of each problem.
+
+    Decoded exactly as written, special tokens included: "97<pad>5" is not the answer "975"."""
+    if not problems:
+        return []
+    rows = generate_completions(model, problems, 1, temperature, top_k, generator, max_new_tokens, tok)
+    return [tok.decode(completion, skip_special=False) for _, completion in rows]
 
 
 def exact_match(model, task: ArithmeticTask, n: int = 200, seed: int = 1234, split: str = "heldout") -> float:

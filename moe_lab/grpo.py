@@ -157,34 +157,21 @@ def sample_rollouts(model, problems: Sequence[Problem], group_size: int, tempera
                     tok=TOKENIZER) -> Rollouts:
     """Step 1: sample `group_size` completions of every problem, stopping at the first newline.
 
-    Prompts of equal length are generated together (no padding inside the prompt); the results
-    are then laid out as rows i*G + j and right-padded into one tensor for the loss.
+    Prompts of equal length are generated together (no padding inside the prompt, see
+    moe_lab.evaluation.generate_completions); the results are laid out as rows i*G + j and
+    right-padded into one tensor for the loss.
     """
+    from moe_lab.evaluation import generate_completions
+
     if group_size < 1:
         raise ValueError(f"group_size={group_size}: expected an integer >= 1")
     if not problems:
         raise ValueError("sample_rollouts: no problems given")
-    was_training = model.training
-    model.eval()
+    pairs = generate_completions(model, problems, group_size, temperature, generator=generator,
+                                 max_new_tokens=max_new_tokens, tok=tok)
+    rows = [prompt + completion for prompt, completion in pairs]
+    prompt_lens = [len(prompt) for prompt, _ in pairs]
     device = next(model.parameters()).device
-    max_new = max_new_tokens or max(len(p.answer) for p in problems) + 2
-    rows: list[Optional[list[int]]] = [None] * (len(problems) * group_size)
-    prompt_lens = [0] * len(rows)
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(problems):
-        by_len.setdefault(len(p.prompt), []).append(i)
-    for _, idxs in sorted(by_len.items()):
-        prompt = torch.tensor([[tok.newline_id] + tok.encode(problems[i].prompt) for i in idxs], device=device)
-        prompt = prompt.repeat_interleave(group_size, dim=0)  # (n*G, T0): each prompt G times in a row
-        seqs = model.generate(prompt, max_new, temperature=temperature, stop_token=tok.newline_id, generator=generator)
-        for r, row in enumerate(seqs.tolist()):
-            i, j = idxs[r // group_size], r % group_size
-            completion = row[prompt.shape[1]:]
-            if tok.newline_id in completion:  # cut after the stop token (later ones are filler)
-                completion = completion[: completion.index(tok.newline_id) + 1]
-            rows[i * group_size + j] = row[: prompt.shape[1]] + completion
-            prompt_lens[i * group_size + j] = prompt.shape[1]
-    model.train(was_training)
 
     L = max(len(r) for r in rows)
     tokens = torch.full((len(rows), L), tok.newline_id, dtype=torch.long)
