@@ -4,6 +4,8 @@
 expert, top-k, the router type, a balancing bias and a capacity factor, it routes a batch of
 random tokens and reports where they went. `tiling_explorer` (notebook 05) and
 `moe_padding_explorer` (notebook 06) draw the tile and padding arithmetic of `moe_lab.tiling`.
+`advantage_explorer` (notebook 08) shows GRPO's advantages for groups with a chosen number of right
+answers (`moe_lab.grpo.advantages_by_correct_count`).
 """
 from __future__ import annotations
 
