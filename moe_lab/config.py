@@ -105,6 +105,10 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the token embedding with the output head
+    attention: Literal["mha", "mla"] = "mha"  # multi-head attention / DeepSeek-V2's multi-head latent attention
+    kv_rank: int = 32  # MLA: d_c, width of the compressed key-value latent (what the cache holds)
+    q_rank: Optional[int] = None  # MLA: d_c', width of the queries' own low-rank path; None = full-rank queries
+    rope_dim: int = 8  # MLA: d_h^R, width of the decoupled RoPE part of queries and of the shared RoPE key
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # rebuilt from a checkpoint's JSON
@@ -119,6 +123,12 @@ class ModelConfig:
             _fail("ModelConfig", "n_dense_layers", self.n_dense_layers, f"an integer in [0, n_layers={self.n_layers}]")
         if not isinstance(self.moe, MoEConfig):
             _fail("ModelConfig", "moe", self.moe, "a MoEConfig")
+        _choice(self, "attention", ("mha", "mla"))
+        _positive_ints(self, "kv_rank", "rope_dim")
+        if self.rope_dim % 2:
+            _fail("ModelConfig", "rope_dim", self.rope_dim, "an even number (RoPE rotates pairs)")
+        if self.q_rank is not None:
+            _positive_ints(self, "q_rank")
 
     def is_moe_layer(self, i: int) -> bool:
         return self.ffn == "moe" and i >= self.n_dense_layers

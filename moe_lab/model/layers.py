@@ -7,6 +7,8 @@ four pieces.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,8 +51,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2)  # (B, H, T, hd), pairs interleaved back
 
 
+def causal_mask(n_new: int, n_cached: int, device=None) -> Tensor:
+    """(n_new, n_cached + n_new) boolean mask, True where attention is allowed: the query at position
+    n_cached + i sees every cached key and the new keys up to itself."""
+    q_pos = torch.arange(n_cached, n_cached + n_new, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(n_cached + n_new, device=device)[None, :]  # (1, S)
+    return k_pos <= q_pos  # (T, S)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, n_cached: int, scale: Optional[float] = None) -> Tensor:
+    """Causal attention of T new queries over S = n_cached + T keys: (B, H, T, dq) x (B, H, S, dq) -> (B, H, T, dv).
+
+    Without a cache (n_cached = 0) this is the usual causal mask; one new query (a decode step) may
+    see every key, so it needs no mask at all; otherwise the mask is offset by the cached positions.
+    """
+    T = q.shape[-2]
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if n_cached == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, n_cached, q.device), scale=scale)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention with RoPE and a causal mask, through PyTorch's fused SDPA."""
+    """Multi-head self-attention with RoPE and a causal mask, through PyTorch's fused SDPA.
+
+    With a `cache` (a moe_lab.model.kv_cache.LayerCache), the new tokens take the positions after
+    the cached ones (RoPE is offset by cache.length), their keys and values are appended to the
+    cache, and the new queries attend over everything cached (notebook 10).
+    """
 
     def __init__(self, d_model: int, n_heads: int, max_seq_len: int, rope_theta: float = 10000.0):
         super().__init__()
@@ -63,14 +92,18 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache=None) -> Tensor:
         B, T, C = x.shape
-        if T > self.cos.shape[0]:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cos.shape[0]}")
-        q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        q, k = apply_rope(q, self.cos[:T], self.sin[:T]), apply_rope(k, self.cos[:T], self.sin[:T])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        pos = cache.length if cache is not None else 0  # position of the first new token
+        if pos + T > self.cos.shape[0]:
+            raise ValueError(f"sequence length {pos + T} exceeds max_seq_len={self.cos.shape[0]}")
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # the new tokens' positions, not 0..T-1
+        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)  # rotate queries and keys in one call: (B, H, T, hd) each
+        v = qkv[2]
+        if cache is not None:
+            k, v = cache.append(k=k, v=v)  # (B, H, pos + T, hd): the cached keys and values, then the new ones
+        y = attend(q, k, v, pos)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 

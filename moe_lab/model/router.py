@@ -17,6 +17,11 @@ and the balancing ideas that keep every expert busy.
 - Capacity factor with token dropping (GShard, Switch): an expert takes at most
   ceil(cf * T * k / E) assignments; first choices are served before second choices, earlier tokens
   before later ones; the rest are dropped (marked -1) and pass through the residual connection.
+  The limit acts in training only. At inference (eval mode) nothing is dropped, the usual choice
+  (DeepSeek-V3 drops no token at all; Switch evaluates with a larger capacity than it trains with):
+  with a KV cache each decode step routes one token per row, so a capacity counted over one forward
+  pass would give cached and uncached generation different outputs, and would make a token's output
+  depend on the other prompts in its batch.
 """
 from __future__ import annotations
 
@@ -127,7 +132,7 @@ class Router(nn.Module):
             aux = aux + cfg.aux_loss_coef * switch_aux_loss(probs, expert_idx, cfg.n_experts)
         if cfg.z_loss_coef > 0:
             aux = aux + cfg.z_loss_coef * router_z_loss(logits)
-        if cfg.capacity_factor is not None:
+        if cfg.capacity_factor is not None and self.training:  # training only: inference is dropless
             cap = expert_capacity(x.shape[0], cfg.top_k, cfg.n_experts, cfg.capacity_factor)
             expert_idx, weights = apply_capacity(expert_idx, weights, cfg.n_experts, cap)
         if self.training:

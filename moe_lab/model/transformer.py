@@ -1,9 +1,17 @@
 """A decoder-only transformer with a dense or Mixture-of-Experts feed-forward per block
-(notebooks 02 and 04), and sampling-based generation.
+(notebooks 02 and 04), multi-head or multi-head latent attention (notebook 10), and sampling-based
+generation with a KV cache.
 
 Pre-norm blocks as in GPT-2 / Llama: x = x + attn(norm(x)); x = x + ffn(norm(x)). With
 cfg.ffn = "moe" every block from cfg.n_dense_layers on uses an MoELayer (DeepSeek keeps the first
 blocks dense). The router's auxiliary losses of the last forward are summed by `balance_loss()`.
+With cfg.attention = "mla" every block uses DeepSeek-V2's MultiHeadLatentAttention.
+
+Generation (`generate`) runs the prompt once and then one token per step against a KV cache
+(moe_lab.model.kv_cache); `use_cache=False` re-runs the whole prefix at every step instead, the
+readable definition the cached path is tested against. Generation always runs in eval mode: an MoE
+layer then drops no token whatever its capacity_factor (see moe_lab.model.router), so a token's
+output never depends on how many tokens one forward pass happens to see.
 """
 from __future__ import annotations
 
@@ -15,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_lab.config import ModelConfig
+from moe_lab.model.kv_cache import KVCache, LayerCache
 from moe_lab.model.layers import CausalSelfAttention, RMSNorm, SwiGLU
+from moe_lab.model.mla import MultiHeadLatentAttention
 from moe_lab.model.moe import MoELayer
 from moe_lab.model.router import RoutingStats
 
@@ -24,12 +34,16 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        if cfg.attention == "mla":
+            self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.max_seq_len, cfg.kv_rank, cfg.rope_dim,
+                                                 cfg.q_rank, cfg.rope_theta, cfg.norm_eps)
+        else:
+            self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg.d_model, cfg.moe) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache)
         return x + self.ffn(self.norm2(x))
 
 
@@ -90,22 +104,32 @@ class Transformer(nn.Module):
     def check_tokens(self, idx: Tensor) -> None:
         if idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token ids must be an integer tensor; got dtype {idx.dtype}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size):
+        if idx.numel() and bool(((idx < 0) | (idx >= self.cfg.vocab_size)).any()):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}); got values in "
                              f"[{int(idx.min())}, {int(idx.max())}]")
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, loss_mask: Optional[Tensor] = None):
+    def new_cache(self, capacity: Optional[int] = None) -> KVCache:
+        """An empty KV cache for this model: one LayerCache per block, for `capacity` positions (default max_seq_len)."""
+        if capacity is not None and not 1 <= capacity <= self.cfg.max_seq_len:
+            raise ValueError(f"new_cache(capacity={capacity}): expected an integer in [1, max_seq_len={self.cfg.max_seq_len}]")
+        return KVCache(self.cfg.n_layers, capacity or self.cfg.max_seq_len)
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, loss_mask: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
         loss is the mean cross-entropy of targets over positions where loss_mask is 1 (all positions
         when loss_mask is None). It does not include the routers' balance_loss().
+        With a cache, idx are the tokens that follow the cache.length tokens already cached: they
+        take positions cache.length, cache.length + 1, ..., and are appended to the cache.
         """
         self.check_tokens(idx)
-        if idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
+        start = cache.length if cache is not None else 0
+        if start + idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + idx.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, d)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)
         logits = self.head(self.norm(x)).float()  # (B, T, V)
         if targets is None:
             return logits, None
@@ -115,34 +139,81 @@ class Transformer(nn.Module):
         m = loss_mask.flatten().to(nll.dtype)
         return logits, (nll * m).sum() / m.sum().clamp_min(1.0)
 
-    @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 stop_token: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Sample up to max_new_tokens after the prompts idx (B, T0); returns (B, T0 + n).
+                 stop_token: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 use_cache: bool = True, repeats: int = 1, return_logits: bool = False):
+        """Sample up to max_new_tokens after the prompts idx (B, T0); returns (B * repeats, T0 + n).
 
         temperature 0 means greedy. With stop_token, a row that has produced it keeps emitting it
         (so the batch stays rectangular) and generation ends once every row has stopped.
+        use_cache=True runs the prompts once (prefill), then one token per row per step against the
+        KV cache; use_cache=False re-runs the whole sequence at every step. Both compute the same
+        function. Once the sequence outgrows max_seq_len, the oldest tokens are cut off and the cache
+        cannot follow (its RoPE positions would shift): generation goes on without it.
+        repeats > 1 continues each prompt `repeats` times (rows i * repeats + j): with the cache the
+        prompt is run once and its cache copied, the way GRPO's groups share their prompt.
+        return_logits=True also returns the logits of every step, (B * repeats, n, V), before temperature.
+        Runs in eval mode (no token dropping in MoE layers) and restores the model's mode after, under
+        torch.inference_mode (less overhead per operation than no_grad; the results are ordinary tensors).
         """
         if temperature < 0:
             raise ValueError(f"temperature={temperature}: expected a number >= 0 (0 = greedy)")
         if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
             raise ValueError(f"top_k={top_k}: expected None or an integer in [1, {self.cfg.vocab_size}]")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats={repeats!r}: expected an integer >= 1")
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"idx has shape {tuple(idx.shape)}: expected (batch, prompt length >= 1)")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                out = self._generate(idx, max_new_tokens, temperature, top_k, stop_token, generator, use_cache,
+                                     repeats, return_logits)
+        finally:
+            self.train(was_training)
+        # inference tensors cannot enter autograd later (GRPO trains on these tokens): hand back plain copies
+        return tuple(t.clone() for t in out) if return_logits else out.clone()
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, stop_token, generator, use_cache, repeats,
+                  return_logits):
+        L = self.cfg.max_seq_len
+        # a cache for the longest sequence this call can produce (the cut-off beyond L goes on without it)
+        cache = self.new_cache(min(L, idx.shape[1] + max_new_tokens)) if use_cache and idx.shape[1] <= L else None
+        if repeats > 1 and cache is not None:  # prefill once per prompt, then copy its cache
+            last = self(idx, cache=cache)[0][:, -1]  # (B, V)
+            cache.repeat_interleave(repeats)
+            last = last.repeat_interleave(repeats, dim=0)
+        else:
+            last = None
+        idx = idx.repeat_interleave(repeats, dim=0)  # (B * repeats, T0)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        steps = []
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.max_seq_len:])
-            logits = logits[:, -1]  # (B, V): the next token's scores
+            if last is not None:
+                logits, last = last, None  # the prefill of the shared prompts already gave them
+            elif cache is not None and idx.shape[1] <= L:
+                logits = self(idx[:, cache.length:], cache=cache)[0][:, -1]  # the prompt, then one token per row
+            else:
+                cache = None  # the context outgrew max_seq_len: the cache cannot follow the cut-off
+                logits = self(idx[:, -L:])[0][:, -1]  # (B, V): the next token's scores
+            if return_logits:
+                steps.append(logits)
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
-                logits = logits / temperature
+                scaled = logits / temperature
                 if top_k is not None:
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+                    kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                nxt = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
             if stop_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
                 done |= nxt == stop_token
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             if stop_token is not None and bool(done.all()):
                 break
+        if return_logits:
+            V = self.cfg.vocab_size
+            return idx, torch.stack(steps, 1) if steps else idx.new_zeros(idx.shape[0], 0, V, dtype=torch.float32)
         return idx
