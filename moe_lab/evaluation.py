@@ -1,7 +1,9 @@
 """Solving task problems with a model: batched generation and exact-match accuracy (notebooks 04, 08).
 
 Prompts are grouped by length and each group is generated as one batch, so no prompt needs
-padding: the model sees exactly what it saw in training (a newline, then the problem).
+padding: the model sees exactly what it saw in training (a newline, then the problem). Generation
+uses the model's KV cache (notebook 10): each group's prompts are run once, and the `repeats`
+samples of one prompt share that run.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from moe_lab.data.tokenizer import TOKENIZER
 @torch.no_grad()
 def generate_completions(model, problems: Sequence[Problem], repeats: int = 1, temperature: float = 0.0,
                          top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                         max_new_tokens: Optional[int] = None, tok=TOKENIZER) -> list[tuple[list[int], list[int]]]:
+                         max_new_tokens: Optional[int] = None, tok=TOKENIZER,
+                         use_cache: bool = True) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of every problem, `repeats` times each, in rows i * repeats + j.
 
     A completion stops after its first newline (included); without one it has max_new_tokens ids.
     Used by solve() (greedy answers) and moe_lab.grpo.sample_rollouts (groups of samples).
+    use_cache=False generates without the KV cache (the same completions, more slowly).
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: expected an integer >= 1")
@@ -37,9 +41,8 @@ def generate_completions(model, problems: Sequence[Problem], repeats: int = 1, t
     out: list = [None] * (len(problems) * repeats)
     for _, idxs in sorted(by_len.items()):
         prompts = torch.tensor([[tok.newline_id] + tok.encode(problems[i].prompt) for i in idxs], device=device)
-        prompts = prompts.repeat_interleave(repeats, dim=0)  # (n * repeats, T0): each prompt `repeats` times in a row
-        seqs = model.generate(prompts, max_new, temperature=temperature, top_k=top_k,
-                              stop_token=tok.newline_id, generator=generator)
+        seqs = model.generate(prompts, max_new, temperature=temperature, top_k=top_k, stop_token=tok.newline_id,
+                              generator=generator, use_cache=use_cache, repeats=repeats)  # (n * repeats, T0 + new)
         for r, row in enumerate(seqs.tolist()):
             prompt, completion = row[: prompts.shape[1]], row[prompts.shape[1]:]
             if tok.newline_id in completion:  # cut after the stop token (later ones are filler)

@@ -154,12 +154,14 @@ class Rollouts:
 @torch.no_grad()
 def sample_rollouts(model, problems: Sequence[Problem], group_size: int, temperature: float = 1.0,
                     max_new_tokens: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                    tok=TOKENIZER) -> Rollouts:
+                    tok=TOKENIZER, use_cache: bool = True) -> Rollouts:
     """Step 1: sample `group_size` completions of every problem, stopping at the first newline.
 
     Prompts of equal length are generated together (no padding inside the prompt, see
     moe_lab.evaluation.generate_completions); the results are laid out as rows i*G + j and
-    right-padded into one tensor for the loss.
+    right-padded into one tensor for the loss. Generation uses the KV cache, the G samples of a
+    prompt sharing its prefill (notebook 10); use_cache=False re-runs the prefix at every token
+    and gives the same rollouts, slower.
     """
     from moe_lab.evaluation import generate_completions
 
@@ -168,7 +170,7 @@ def sample_rollouts(model, problems: Sequence[Problem], group_size: int, tempera
     if not problems:
         raise ValueError("sample_rollouts: no problems given")
     pairs = generate_completions(model, problems, group_size, temperature, generator=generator,
-                                 max_new_tokens=max_new_tokens, tok=tok)
+                                 max_new_tokens=max_new_tokens, tok=tok, use_cache=use_cache)
     rows = [prompt + completion for prompt, completion in pairs]
     prompt_lens = [len(prompt) for prompt, _ in pairs]
     device = next(model.parameters()).device
