@@ -119,6 +119,14 @@ def compare(preset_name: str, seeds: Sequence[int], steps: Optional[int] = None,
             "summary": summarize(runs)}
 
 
+def load_record(preset_name: str = "cpu") -> Optional[dict]:
+    """The recorded comparison data/records/mla_vs_mha_<preset>.json, or None where it is not there (e.g. Colab)."""
+    from moe_lab.data.corpus import data_dir
+
+    path = data_dir() / "records" / f"mla_vs_mha_{preset_name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(argv: Optional[list] = None) -> int:
     from moe_lab import profiling as P
 
