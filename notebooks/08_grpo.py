@@ -148,6 +148,28 @@ for text in ["975\n", "975", "976\n", "", "\n", "9 75\n", "975\n1\n", "9" * 300,
     print(f"{text[:12]!r:16} reward {grpo.rewards(task, [text], [p], 0.1).item():.1f}")
 
 # %% [markdown]
+# Sampling the rollouts is most of the work of a GRPO step: 32 problems × 8 answers, one token at a
+# time. `sample_rollouts` generates with the model's **KV cache** (notebook 10): each prompt runs once
+# and is shared by its 8 samples, then every step runs only the new token. Without the cache
+# (`use_cache=False`, how the course generated before notebook 10) every step re-runs the whole
+# sequence. One step's rollouts, timed both ways from the same seed (runs alternate, so a busy machine
+# slows both alike):
+
+# %%
+import random
+
+from moe_lab import bench_generate
+
+step_rng = random.Random(0)
+step_problems = [task.sample(step_rng, "train") for _ in range(32)]  # one step's problems
+roll = bench_generate.rollout_times(start_model, step_problems, group_size=8, temperature=0.7,
+                                    max_new_tokens=task.max_answer_len + 2, repeats=3 if rt.mode == "ci" else 5)
+print(f"one step's rollouts (32 x 8): {roll['median_s']['uncached'] * 1e3:.0f} ms without the cache, "
+      f"{roll['median_s']['cached'] * 1e3:.0f} ms with it ({roll['speedup_median']:.1f}x, median of "
+      f"{len(roll['speedup_per_pair'])} pairs); the same rollouts: {roll['same_completions']}")
+assert roll["same_completions"]  # the cache changes the speed, not the samples
+
+# %% [markdown]
 # ## 4. Group-relative advantages
 #
 # **Exercise 1.** Given rewards laid out as `P*G` values (group by group), return each completion's
