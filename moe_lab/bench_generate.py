@@ -27,7 +27,6 @@ device, versions, date, command and thread count (moe_lab.profiling.environment_
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -201,12 +200,7 @@ def main(argv: Optional[list] = None) -> int:
     slug = P.slugify(P.device_name(device))
     out = Path(args.out or f"runs/bench/generate-{slug}{'-quick' if args.quick else ''}.json")
     paths = [out] + ([RECORD_DIR / f"{slug}.json"] if args.record else [])
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)  # atomic: a reader never sees half a file
-        print(f"wrote {path}")
+    P.write_record(record, paths)
     return 0 if record["rollouts"]["same_completions"] else 1
 
 

@@ -156,12 +156,7 @@ def main(argv: Optional[list] = None) -> int:
     paths = [Path(args.out or f"runs/mla_study/{args.preset}.json")]
     if args.record:
         paths.append(RECORD_DIR / f"mla_vs_mha_{args.preset}.json")
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)
-        print(f"wrote {path}")
+    P.write_record(record, paths)
     return 0
 
 

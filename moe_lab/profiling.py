@@ -395,6 +395,17 @@ def environment_record(device, command: Optional[str] = None) -> dict:
     }
 
 
+def write_record(record: dict, paths) -> None:
+    """Write a record as JSON to each path, atomically (a reader never sees half a file); says where."""
+    for path in paths:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(path)
+        print(f"wrote {path}")
+
+
 RECORD_KEYS = ("device", "driver", "torch", "triton", "date", "command", "results")
 RESULT_KEYS = ("shape", "tokens", "d_model", "d_expert", "n_experts", "top_k", "backend", "pass", "status", "ms",
                "flops", "tflops", "weight_bytes", "min_bytes", "gbps")
