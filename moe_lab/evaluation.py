@@ -32,7 +32,8 @@ def generate_completions(model, problems: Sequence[Problem], repeats: int = 1, t
     if not problems:
         raise ValueError("generate_completions: no problems given")
     was_training = model.training
-    model.eval()
+    if was_training:  # (walking the modules costs time: only when the mode must change)
+        model.eval()
     device = next(model.parameters()).device
     max_new = max_new_tokens or max(len(p.answer) for p in problems) + 2
     by_len = defaultdict(list)
@@ -48,7 +49,8 @@ def generate_completions(model, problems: Sequence[Problem], repeats: int = 1, t
             if tok.newline_id in completion:  # cut after the stop token (later ones are filler)
                 completion = completion[: completion.index(tok.newline_id) + 1]
             out[idxs[r // repeats] * repeats + r % repeats] = (prompt, completion)
-    model.train(was_training)
+    if was_training:
+        model.train()
     return out
 
 

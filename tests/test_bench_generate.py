@@ -40,6 +40,21 @@ def test_rollout_times_pairs_runs_and_compares_completions():
         bench_generate.rollout_times(tiny_model(), problems, repeats=0)
 
 
+def test_rollout_times_notices_when_the_two_paths_disagree(monkeypatch):
+    import moe_lab.evaluation as ev
+
+    real = ev.generate_completions
+
+    def cache_changes_the_answer(model, problems, *args, use_cache=True, **kw):
+        out = real(model, problems, *args, use_cache=use_cache, **kw)
+        return [(p, c + [3]) for p, c in out] if use_cache else out
+
+    monkeypatch.setattr(ev, "generate_completions", cache_changes_the_answer)
+    r = bench_generate.rollout_times(tiny_model(), course_task().problems(4, "train", seed=2), group_size=2,
+                                     max_new_tokens=3, repeats=1)
+    assert r["same_completions"] is False
+
+
 def test_throughput_and_per_token_rows():
     model = tiny_model()
     row = bench_generate.throughput(model, batch=2, prompt=4, new=6, repeats=1)

@@ -72,9 +72,10 @@ class LayerCache:
     def repeat_interleave(self, repeats: int) -> None:
         """Repeat every row `repeats` times in place (row i becomes rows i*repeats .. i*repeats + repeats-1)."""
         for name, buf in self.buffers.items():
-            new = buf.new_empty(buf.shape[0] * repeats, *buf.shape[1:])  # a full-capacity buffer ...
-            new[..., :self.length, :] = buf[..., :self.length, :].repeat_interleave(repeats, dim=0)  # ... filled so far
-            self.buffers[name] = new
+            B, rest = buf.shape[0], buf.shape[1:]
+            new = buf.new_empty(B, repeats, *rest)  # a full-capacity buffer, row i's copies side by side ...
+            new[..., :self.length, :] = buf[:, None, ..., :self.length, :]  # ... filled so far, in one broadcast copy
+            self.buffers[name] = new.view(B * repeats, *rest)
 
     def nbytes(self) -> int:
         """Bytes of the filled part (what a dynamically grown cache would hold)."""

@@ -165,13 +165,15 @@ class Transformer(nn.Module):
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"idx has shape {tuple(idx.shape)}: expected (batch, prompt length >= 1)")
         was_training = self.training
-        self.eval()
+        if was_training:  # (walking the modules costs time: only when the mode must change)
+            self.eval()
         try:
             with torch.inference_mode():
                 out = self._generate(idx, max_new_tokens, temperature, top_k, stop_token, generator, use_cache,
                                      repeats, return_logits)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         # inference tensors cannot enter autograd later (GRPO trains on these tokens): hand back plain copies
         return tuple(t.clone() for t in out) if return_logits else out.clone()
 
