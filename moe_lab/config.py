@@ -91,7 +91,8 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer (pre-norm, RMSNorm, RoPE, SwiGLU), dense or MoE per layer."""
+    """A decoder-only transformer (pre-norm, RMSNorm, RoPE, SwiGLU), dense or MoE per layer, with multi-head
+    attention or DeepSeek-V2's multi-head latent attention (the kv_rank, q_rank, rope_dim fields; notebook 10)."""
 
     vocab_size: int = 99  # the course's character tokenizer (moe_lab.data.TOKENIZER)
     d_model: int = 128  # width of the residual stream

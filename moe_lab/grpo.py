@@ -109,7 +109,8 @@ def grpo_preset(mode: Optional[str] = None) -> GRPOConfig:
     3-digit additions), see the README: temperature 0.7 (at 1.0 only ~35 % of samples are right and
     learning is slower), router biases frozen during RL (the bias rule reacts to the narrow RL data
     and moves the reference's routing under the policy), β = 0.04 as in DeepSeekMath. The cpu preset
-    reached 97.0 % in 113 s on 2 cores.
+    reached 97.0 % in 113 s on 2 cores; with the KV cache's rollouts (notebook 10), 96.4 % in 100 s
+    (the code before the cache, the same hour: 96.2 % in 154 s).
     """
     if mode is None:
         from moe_lab.runtime import detect_mode

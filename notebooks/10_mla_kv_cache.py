@@ -33,7 +33,7 @@
 # - why an MoE layer must not drop tokens at inference, and how much faster GRPO's rollouts get
 #
 # **Prerequisites**: notebook 02 (attention, RoPE, RMSNorm) and notebook 04 (the MoE model and its
-# checkpoint; a trained one ships with the course). **Time to run**: CPU (2 cores): ~2 min · GPU: not yet measured.
+# checkpoint; a trained one ships with the course). **Time to run**: CPU (2 cores): ~1.5 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -237,9 +237,9 @@ for r in per_token:
 assert per_token[-1]["uncached_ms"] > per_token[-1]["cached_ms"]  # at the longest context the cache wins
 
 # %% [markdown]
-# At a short context the two cost about the same: a tiny model's forward is dominated by the fixed
-# cost of launching its operations, not by the number of tokens. As the context grows, the uncached
-# forward grows with it and the decode step barely moves. On a GPU, where the fixed costs are small
+# At a short context the cache saves little: a tiny model's forward is dominated by the fixed cost
+# of launching its operations (about a millisecond here), not by the number of tokens. As the context
+# grows, the uncached forward grows with it and the decode step barely moves. On a GPU, where the fixed costs are small
 # and the work is in moving weights and cache, the cache's advantage appears much earlier.
 #
 # ## 5. What the cache costs in memory
