@@ -108,21 +108,54 @@ def test_a_failing_or_wrong_backend_becomes_an_error_row(monkeypatch):
 
 
 def test_targets_come_only_from_measured_rows():
-    def row(backend, mode, tokens, tflops, shape="fine", **kw):
-        return dict(shape=shape, backend=backend, tokens=tokens, status="ok", tflops=tflops, ms=1000 / tflops,
-                    **{"pass": mode}, **kw)
+    def row(backend, mode, tokens, ms, shape="fine", **kw):
+        return dict(shape=shape, backend=backend, tokens=tokens, status="ok", ms=ms, **{"pass": mode}, **kw)
 
-    rows = [row("triton", "forward", 8192, 420.0), row("grouped_mm", "forward", 8192, 400.0),
-            row("dense", "forward", 8192, 600.0), row("triton", "forward+backward", 16384, 300.0),
-            row("triton", "forward", 2048, 10.0)]  # 2048 tokens: outside the targets' range
-    targets = {(t["target"], t["tokens"]): t for t in bench.check_targets(rows, None)}
-    assert targets[("fine-grained triton forward >= 400 TFLOP/s", 8192)]["met"]
-    assert targets[("fine-grained triton forward >= 1.0x grouped_mm", 8192)]["value"] == pytest.approx(1.05)
-    dense = targets[("fine-grained triton forward >= 0.8x dense", 8192)]
-    assert dense["value"] == pytest.approx(0.7) and not dense["met"]
-    assert not targets[("fine-grained triton forward+backward >= 330 TFLOP/s", 16384)]["met"]
-    assert all(t["tokens"] >= 8192 for t in targets.values())
-    assert bench.check_targets([], None) == []  # nothing measured: no verdict
+    rows = [row("triton", "forward", 8192, 1.0), row("grouped_mm", "forward", 8192, 1.6),
+            row("dense", "forward", 8192, 0.6), row("triton", "forward+backward", 16384, 3.0),
+            row("grouped_mm", "forward+backward", 16384, 3.3),
+            row("triton", "forward", 512, 1.0, min_bytes=3.0e9), row("grouped_mm", "forward", 512, 0.9),
+            row("triton", "forward", 4096, 2.0, shape="mixtral"), row("grouped_mm", "forward", 4096, 2.2, shape="mixtral"),
+            row("triton", "forward", 128, 0.12, shape="teaching")]
+    ceil = P.Ceilings(peak_flops=700e12, bandwidth=4e12, matmul_n=8192, copy_bytes=1 << 30, dtype="bfloat16", device="x")
+    found = bench.check_targets(rows, ceil)
+
+    def target(words, tokens):
+        hits = [t for t in found if words in t["target"] and t["tokens"] == tokens]
+        assert len(hits) == 1, (words, tokens, hits)
+        return hits[0]
+
+    dense = target("forward >= 0.65x dense", 8192)
+    assert dense["value"] == pytest.approx(0.6) and not dense["met"]
+    fb = target("forward+backward >= 1.2x grouped_mm", 16384)
+    assert fb["value"] == pytest.approx(1.1) and not fb["met"]
+    assert target("forward >= 1.5x grouped_mm", 8192)["met"]
+    assert not [t for t in found if t["tokens"] == 512 and "grouped_mm" in t["target"]], "512 tokens: below 2048"
+    mem = target("memory-bound end", 512)
+    assert mem["value"] == pytest.approx(3.0e9 / 1e-3 / 4e12) and mem["met"]  # 75 % of the copy bandwidth
+    assert target("mixtral triton forward >= 1.0x grouped_mm", 4096)["met"]
+    teach = target("teaching layer", 128)
+    assert teach["value"] == 0.12 and not teach["met"]
+    assert bench.check_targets([], ceil) == []  # nothing measured: no verdict
+
+
+def test_the_sweep_reaches_every_shape_first_and_bounds_the_slow_backends():
+    tokens = {"fine": (128, 8192, 32768), "mixtral": (512, 16384)}
+    cases = bench.plan_cases(["fine", "mixtral"], lambda s: tokens[s], ["reference", "triton", "dense"], ["forward"])
+    first_mixtral = cases.index(("mixtral", 512, "triton", "forward"))
+    assert first_mixtral < cases.index(("fine", 8192, "triton", "forward")), "shapes interleave by token count"
+    slow = [c for c in cases if c[2] == "reference"]
+    assert all(cases.index(c) > cases.index(("fine", 32768, "dense", "forward")) for c in slow), "slow ones last"
+    assert len(cases) == len(set(cases)) == 5 * 3
+
+
+def test_bad_arguments_are_named_before_any_refusal_or_work(capsys):
+    with pytest.raises(SystemExit, match="--shapes 'nope'"):
+        bench.main(["--shapes", "nope"])
+    with pytest.raises(SystemExit, match="--tokens 'x'"):
+        bench.main(["--quick", "--tokens", "x"])
+    with pytest.raises(SystemExit, match="--budget-s"):
+        bench.main(["--quick", "--budget-s", "0"])
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the CPU's refusals")
