@@ -304,6 +304,30 @@ class KernelRow:
     share: float  # fraction of the total self time
 
 
+class _quiet_stderr:
+    """Silence file descriptor 2 (C++ code's stderr, which Python's sys.stderr does not catch) for a block:
+    torch.profiler's backend prints 'USDT: ... profiler_start/stop' lines there."""
+
+    def __enter__(self):
+        import sys as _sys
+
+        try:
+            _sys.stderr.flush()
+            self.saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        except OSError:  # no real fd 2 (some notebook front-ends): nothing to silence
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+        return False
+
+
 def top_kernels(fn: Callable[[], object], device, n: int = 8, warmup: int = 1, show: bool = True) -> list[KernelRow]:
     """Run fn under torch.profiler (after `warmup` plain runs) and return the n operators / kernels
     that took the most self time; print them as a table when show=True. On a GPU the rows are CUDA
@@ -314,7 +338,7 @@ def top_kernels(fn: Callable[[], object], device, n: int = 8, warmup: int = 1, s
     for _ in range(warmup):
         fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
+    with _quiet_stderr(), profile(activities=activities) as prof:  # the profiler logs its start and stop to fd 2
         fn()
         if on_gpu:
             torch.cuda.synchronize()
@@ -440,8 +464,9 @@ def load_bench_records(directory: os.PathLike | str = "data/bench") -> list[dict
 
 
 def record_label(record: dict) -> str:
-    """'recorded on <device>, <date>' for plots and tables."""
-    return f"recorded on {record['device']}, {record['date'][:10]}"
+    """'recorded on <device>, <date>[, commit <c>]' for plots and tables."""
+    commit = record.get("commit")
+    return f"recorded on {record['device']}, {record['date'][:10]}" + (f", commit {commit}" if commit else "")
 
 
 def ok_results(record: dict, **match) -> list[dict]:

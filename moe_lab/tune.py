@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -265,6 +266,33 @@ def tune_bucket(shape_name: str, tokens: int, device, dtype, space_size: str, ba
                   training_ms={str(k): round(v, 5) for k, v in train.items()},
                   kernels={str(bm): per_block[bm] for bm in sorted(set(chosen.values()))})
     return bucket, timings
+
+
+def knob_effect(timings: list, knob: str, kernels=None) -> dict:
+    """What one knob of the configuration buys, from a tuner's timings (the rows of --timings):
+    {kernel: {value: geometric mean over buckets of (best ms with knob == value) / (best ms overall)}}.
+    knob: a KernelConfig field ("BLOCK_N", "GROUP_M", "num_stages", ...) or "block_m" (the layout's
+    row block). A ratio of 1 means that value holds the bucket's best configuration. Only kernels the
+    knob applies to are listed (the weight-gradient kernels have no GROUP_M nor layout block)."""
+    from moe_lab.kernels import config_table as CT
+
+    if knob != "block_m" and knob not in CT.KernelConfig.__dataclass_fields__:
+        raise ValueError(f"knob={knob!r}: expected 'block_m' or a KernelConfig field {tuple(CT.KernelConfig.__dataclass_fields__)}")
+    if kernels is None:
+        kernels = CT.ROW_KERNELS if knob in ("block_m", "GROUP_M") else CT.KERNELS
+    value_of = (lambda r: r["block_m"]) if knob == "block_m" else (lambda r: r["config"][knob])
+    out = {}
+    for kernel in kernels:
+        rows = [r for r in timings if r["kernel"] == kernel and r.get("ms") is not None]
+        ratios: dict = {}
+        for bucket in {(r["shape"], r["tokens"]) for r in rows}:
+            mine = [r for r in rows if (r["shape"], r["tokens"]) == bucket]
+            best = min(r["ms"] for r in mine)
+            for v in {value_of(r) for r in mine}:
+                ratios.setdefault(v, []).append(min(r["ms"] for r in mine if value_of(r) == v) / best)
+        if ratios:
+            out[kernel] = {v: math.exp(sum(math.log(x) for x in xs) / len(xs)) for v, xs in sorted(ratios.items())}
+    return out
 
 
 def build_table(buckets: list, device, command: str, notes: list) -> dict:

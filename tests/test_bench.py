@@ -201,19 +201,42 @@ def test_gpu_suite_plans_every_step_with_limits(tmp_path):
     from moe_lab import gpu_suite
 
     steps = gpu_suite.plan(tmp_path, timeouts={"bench": 300}, device_slug="nvidia-h100-80gb-hbm3")
-    assert [s["name"] for s in steps] == ["tests", "notebooks", "bench"]
-    tests, nbs, bch = steps
+    assert [s["name"] for s in steps] == ["smoke", "tests", "nb-05", "nb-06", "nb-07", "bench"]  # no tuning by default
+    smoke, tests, nb05, nb06, nb07, bch = steps
+    assert smoke["fatal"] and not any(s["fatal"] for s in steps[1:])
     assert tests["cmd"][2:6] == ["pytest", "-m", "gpu", "tests"]
-    assert nbs["env"]["MOE_LAB_MODE"] == "gpu" and "--nbval-lax" in nbs["cmd"]
-    assert [c for c in nbs["cmd"] if c.endswith(".ipynb")] == [
-        "notebooks/05_triton_basics.ipynb", "notebooks/06_triton_moe_kernels.ipynb", "notebooks/07_profiling.ipynb"]
+    for nb, name in ((nb05, "05_triton_basics"), (nb06, "06_triton_moe_kernels"), (nb07, "07_profiling")):
+        assert nb["env"]["MOE_LAB_MODE"] == "gpu" and nb["env"]["COLD_TRITON_CACHE"] == "1"
+        assert nb["cmd"][nb["cmd"].index("--execute") + 1] == f"notebooks/{name}.ipynb"
+        assert nb["cmd"][nb["cmd"].index("--to") + 1] == str(tmp_path / "notebooks" / f"{name}.ipynb")
     assert "--record" in bch["cmd"] and str(tmp_path / "bench-nvidia-h100-80gb-hbm3.json") in bch["cmd"]
     assert bch["timeout"] == 300 and bch["cmd"][bch["cmd"].index("--budget-s") + 1] == "240"
     assert all(s["log"] == str(tmp_path / f"{s['name']}.log") for s in steps)
-    (only,) = gpu_suite.plan(tmp_path, only="notebooks", with_04=True)
-    assert [c for c in only["cmd"] if c.endswith(".ipynb")][0] == "notebooks/04_train_moe.ipynb"
-    (with_grpo,) = gpu_suite.plan(tmp_path, only="notebooks", with_08=True)
-    assert [c for c in with_grpo["cmd"] if c.endswith(".ipynb")][-1] == "notebooks/08_grpo.ipynb"
+    tuned = gpu_suite.plan(tmp_path, with_tune=True, device_slug="x")
+    assert [s["name"] for s in tuned][:3] == ["smoke", "tune", "tests"]
+    assert str(tmp_path / "tune-x.json") in tuned[1]["cmd"]
+    only = gpu_suite.plan(tmp_path, only="notebooks", with_04=True)
+    assert only[0]["name"] == "nb-04" and len(only) == 4
+    with_grpo = gpu_suite.plan(tmp_path, only="notebooks", with_08=True)
+    assert with_grpo[-1]["name"] == "nb-08"
+
+
+def test_gpu_suite_executes_a_notebook_and_keeps_its_outputs(tmp_path):
+    import nbformat
+
+    from moe_lab import gpu_suite
+
+    src = tmp_path / "nb.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nbformat.write(nb, src)
+    out = tmp_path / "ran" / "nb.ipynb"
+    assert gpu_suite.execute_notebook(str(src), str(out), 60) == 0
+    ran = nbformat.read(out, as_version=4)
+    assert ran.cells[0].outputs[0]["text"].strip() == "42"
+    nb.cells.append(nbformat.v4.new_code_cell("raise ValueError('boom')"))
+    nbformat.write(nb, src)
+    assert gpu_suite.execute_notebook(str(src), str(out), 60) == 1
+    assert "boom" in str(nbformat.read(out, as_version=4).cells[1].outputs)
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the refusal without a GPU")
@@ -239,3 +262,24 @@ def test_gpu_suite_step_runner_logs_and_enforces_its_limit(tmp_path):
     slow = gpu_suite.run_step(dict(name="slow", cmd=[sys.executable, "-c", "import time; time.sleep(30)"], env={},
                                    log=str(tmp_path / "slow.log")), timeout=1)
     assert slow["status"].startswith("timed out") and slow["returncode"] is None
+
+
+def test_gpu_suite_gives_a_cold_triton_cache_and_removes_it(tmp_path):
+    from moe_lab import gpu_suite
+
+    probe = "import os; print('CACHE', os.environ['TRITON_CACHE_DIR'], os.listdir(os.environ['TRITON_CACHE_DIR']))"
+    res = gpu_suite.run_step(dict(name="nb", cmd=[sys.executable, "-c", probe], env={"COLD_TRITON_CACHE": "1"},
+                                  log=str(tmp_path / "nb.log")), timeout=60)
+    line = [ln for ln in (tmp_path / "nb.log").read_text().splitlines() if ln.startswith("CACHE")][0]
+    assert res["status"] == "passed" and line.endswith("[]"), "an empty cache of its own"
+    assert not Path(line.split()[1]).exists(), "removed afterwards"
+
+
+def test_gpu_suite_names_bad_arguments(tmp_path, capsys):
+    from moe_lab import gpu_suite
+
+    for args, message in [(["--budget-s", "0"], "--budget-s"), (["--timeout-bench", "-5"], "--timeout-bench"),
+                          ([], "--out DIR is required")]:
+        with pytest.raises(SystemExit):
+            gpu_suite.main((["--out", str(tmp_path)] if args else []) + args)
+        assert message in capsys.readouterr().err

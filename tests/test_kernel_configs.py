@@ -285,3 +285,22 @@ def test_a_sweep_over_token_counts_compiles_each_kernel_once():
         moe_gemm.moe_down(h, w2, torch.rand(T, k, device="cuda"), idx, align, config=c)
         counts.append((variants(moe_gemm.moe_up_kernel), variants(moe_gemm.moe_down_kernel)))
     assert counts[0] == counts[-1], f"recompiled for a new token count: {counts}"
+
+
+def test_knob_effect_reads_each_knobs_best_against_the_best_overall():
+    from moe_lab import tune
+
+    def row(ms, bn, g, bm=64, kernel="up", tokens=128):
+        return dict(shape="fine", tokens=tokens, block_m=bm, kernel=kernel, ms=ms,
+                    config=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=g, num_warps=4, num_stages=3))
+
+    rows = [row(1.0, 128, 1), row(2.0, 64, 1), row(1.5, 128, 16), row(4.0, 64, 16),
+            row(3.0, 128, 1, tokens=8192), row(3.0, 64, 16, tokens=8192), row(None, 256, 1, tokens=8192)]
+    by_n = tune.knob_effect(rows, "BLOCK_N")["up"]
+    assert by_n[128] == pytest.approx(1.0) and by_n[64] == pytest.approx(math.sqrt(2.0 * 1.0))  # buckets 2x and 1x
+    assert 256 not in by_n, "a configuration that failed has no time"
+    by_g = tune.knob_effect(rows, "GROUP_M")
+    assert set(by_g) == {"up"} and by_g["up"][16] == pytest.approx(math.sqrt(1.5 * 1.0))
+    assert "dw13" not in tune.knob_effect(rows + [row(1.0, 64, 1, kernel="dw13")], "GROUP_M")
+    with pytest.raises(ValueError, match="knob='colour'"):
+        tune.knob_effect(rows, "colour")

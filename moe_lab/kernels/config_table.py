@@ -269,8 +269,8 @@ def heuristic(kernel: str, dtype, limits: DeviceLimits, rows: float = 64.0, bloc
 def space(kernel: str, block_m: Optional[int] = None, size: str = "full") -> list[KernelConfig]:
     """Configurations `python -m moe_lab.tune` times for `kernel` (16-bit inputs on a Hopper-class GPU).
 
-    size "full": tiles of 64 to 256 columns, reduction steps of 64 and 128 (32 and 64 rows for the
-    weight gradients), GROUP_M 1 (a row block's column tiles back to back) or 16 (16 row blocks per
+    size "full": tiles of 64 to 256 columns, reduction steps of 64 (and 128 for row blocks of at most
+    32 rows, where reading the weights sets the time; 32 and 64 rows for the weight gradients), GROUP_M 1 (a row block's column tiles back to back) or 16 (16 row blocks per
     column tile: the expert's weight tile is reused across them while it is in L2), 4 or 8 warps, 3 or
     4 stages; combinations whose accumulators would spill or whose 16-bit tiles exceed an H100's
     shared memory are left out. "autotune": the four
@@ -297,8 +297,8 @@ def space(kernel: str, block_m: Optional[int] = None, size: str = "full") -> lis
     if size != "full":
         raise ValueError(f"size={size!r}: expected 'full', 'autotune' or 'quick'")
     limit = KNOWN_DEVICES["H100"]["shared_memory"]
-    if row:
-        tiles = [(block_m, bn, bk) for bn in (64, 128, 256) for bk in (64, 128)]
+    if row:  # 128-wide steps only for small row blocks, where the weights' bytes set the time
+        tiles = [(block_m, bn, bk) for bn in (64, 128, 256) for bk in ((64, 128) if block_m <= 32 else (64,))]
     else:
         tiles = [(bm, bn, bk) for bm in (64, 128) for bn in (64, 128) for bk in (32, 64)]
     for bm, bn, bk in tiles:
