@@ -16,8 +16,9 @@ Steps, run one after another, each in its own process with its own time limit:
 Each step writes DIR/<step>.log; DIR/summary.json lists every step's exit status and duration, with
 the device and versions. The exit status is nonzero when any step failed, timed out or was not run.
 
-A lent GPU machine may allow 10 minutes per command: the defaults (no tuning) fit in 9 minutes
-(`--budget-s 540`). `--budget-s` bounds the whole call; a step gets what is left, at most its own limit
+A lent GPU machine may allow 10 minutes per command: the defaults (no tuning) are meant to fit in 9
+minutes (`--budget-s 540`); with `--archive PATH` the call rewrites PATH (a .tar.gz of DIR and the
+tables and records it wrote) after every step, so a call cut short still returns what it measured. `--budget-s` bounds the whole call; a step gets what is left, at most its own limit
 (`--timeout-STEP`; the notebooks share `--timeout-notebook`); the bench and the tuner are told to start
 no new case well before their limit, so they still write what they measured. `--only STEP` runs one.
 """
@@ -113,6 +114,21 @@ def run_step(step: dict, timeout: float) -> dict:
                 log=step["log"], command=" ".join(step["cmd"]))
 
 
+def archive(folder: Path, dest: Path) -> None:
+    """Write folder as dest (.tar.gz) atomically, with the tables and records the steps wrote into the
+    repository (moe_lab/kernels/configs/*.json, data/bench/*.json) under repo/."""
+    import tarfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+        for pattern in ("moe_lab/kernels/configs/*.json", "data/bench/*.json"):
+            for path in sorted(ROOT.glob(pattern)):
+                tar.add(path, arcname=f"repo/{path.relative_to(ROOT)}")
+    tmp.replace(dest)
+
+
 # ----------------------------------------------------------------------------------------------
 # Two steps that run inside this module: the smoke check and a notebook's execution
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +209,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--with-04", action="store_true", help="also run notebook 04 (trains models: minutes)")
     ap.add_argument("--with-08", action="store_true", help="also run notebook 08 (GRPO at the gpu preset)")
     ap.add_argument("--budget-s", type=float, default=540, help="time limit of the whole call (default 540)")
+    ap.add_argument("--archive", help="after every step, (re)write a .tar.gz of the --out folder here: a call "
+                    "cut short still leaves what its finished steps wrote (a lent machine's $OUT, say)")
     for name in DEFAULT_TIMEOUT:
         ap.add_argument(f"--timeout-{name}", type=float, default=DEFAULT_TIMEOUT[name],
                         help=f"time limit of the {name} step{' (each notebook)' if name == 'notebook' else ''} "
@@ -256,8 +274,12 @@ def main(argv: Optional[list] = None) -> int:
         if s["fatal"] and res["status"] != "passed":
             stop = f"the {s['name']} step failed"
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if args.archive:
+            archive(out, Path(args.archive))
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if args.archive:
+        archive(out, Path(args.archive))
     failed = [s["name"] for s in summary["steps"] if s["status"] != "passed"]
     print(f"all steps passed in {summary['seconds']} s" if not failed else f"failed or not run: {failed}")
     return 1 if failed else 0

@@ -283,3 +283,18 @@ def test_gpu_suite_names_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             gpu_suite.main((["--out", str(tmp_path)] if args else []) + args)
         assert message in capsys.readouterr().err
+
+
+def test_gpu_suite_archive_holds_the_folder_and_the_written_records(tmp_path):
+    import tarfile
+
+    from moe_lab import gpu_suite
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text("{}")
+    dest = tmp_path / "back" / "suite.tar.gz"
+    gpu_suite.archive(tmp_path / "out", dest)
+    names = tarfile.open(dest).getnames()
+    assert "out/summary.json" in names
+    assert any(n.startswith("repo/data/bench/") for n in names), "the recorded bench files travel too"
+    assert not dest.with_name("suite.tar.gz.tmp").exists()

@@ -304,3 +304,25 @@ def test_knob_effect_reads_each_knobs_best_against_the_best_overall():
     assert "dw13" not in tune.knob_effect(rows + [row(1.0, 64, 1, kernel="dw13")], "GROUP_M")
     with pytest.raises(ValueError, match="knob='colour'"):
         tune.knob_effect(rows, "colour")
+
+
+def test_a_tuning_run_cut_short_keeps_a_valid_table_of_its_finished_buckets(tmp_path, monkeypatch):
+    from moe_lab import tune
+
+    real, calls = tune.tune_bucket, []
+
+    def second_one_dies(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("the machine was taken back")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "tune_bucket", second_one_dies)
+    out = tmp_path / "table.json"
+    args = ["--shapes", "tiny", "--tokens", "16,32", "--space", "quick", "--no-progress", "--out", str(out),
+            "--timings", str(tmp_path / "t.json")] + ([] if CUDA else ["--device", "cpu"])
+    with pytest.raises(KeyboardInterrupt):
+        tune.main(args)
+    table = json.loads(out.read_text())
+    CT.validate_table(table)
+    assert [b["tokens"] for b in table["buckets"]] == [16]
