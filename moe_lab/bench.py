@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_lab import cost
 from moe_lab import profiling as P
 from moe_lab.model.experts import check_expert_inputs, experts_reference, experts_sorted, sort_by_expert
 
@@ -199,8 +200,8 @@ def case_model(shape: LayerShape, tokens: int, backend: str, mode: str, itemsize
     if backend == "dense":
         m, kk, n = P.dense_equal_flops_shape(tokens, d, f, k)
         passes = {"forward": 1, "backward": 2, "forward+backward": 3}[mode]  # backward: dX and dW
-        fl = P.matmul_flops(m, kk, n) * passes
-        by = P.matmul_bytes(m, kk, n, itemsize, mode)
+        fl = cost.matmul_flops(m, n, kk) * passes  # C (m, n) = A (m, kk) @ B (kk, n)
+        by = cost.matmul_bytes(m, n, kk, itemsize, mode=mode)
         weights = kk * n * itemsize * passes
         return dict(flops=fl, weight_bytes=weights, min_bytes=by, model_bytes=by)
     fl = P.moe_flops(tokens, d, f, k, mode)
