@@ -1,9 +1,9 @@
 """`python -m moe_lab.bench`: time the expert back-ends against the measured roofline.
 
-Back-ends (same function, moe_lab.model.experts): `reference` (loop over experts), `sorted` (permute
-once, one matmul per expert), `triton` (the kernels of notebook 06), `grouped_mm` (the `sorted`
-layout on `torch._grouped_mm`, where this torch has it), and `dense`: one matmul of the same FLOPs,
-(T*k, d) @ (d, 3f), the ceiling a grouped GEMM aims for.
+Back-ends (same function; their registry is moe_lab.model.expert_backends): `reference` (loop over
+experts), `sorted` (permute once, one matmul per expert), `grouped_mm` (the `sorted` layout on
+`torch._grouped_mm`, where this torch has it), `triton` (the kernels of notebook 06), and `dense`:
+one matmul of the same FLOPs, (T*k, d) @ (d, 3f), the ceiling a grouped GEMM aims for.
 
 Shapes: `tiny` (the cpu preset's layer), `teaching` (the gpu preset's layer), `mixtral` (Mixtral-8x7B
 like: d=4096, f=14336, E=8, k=2) and `fine` (DeepSeek/Qwen-like fine-grained experts: d=2048, f=768,
@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moe_lab import cost
 from moe_lab import profiling as P
-from moe_lab.model.experts import check_expert_inputs, experts_reference, experts_sorted, sort_by_expert
+from moe_lab.model import expert_backends as B
+from moe_lab.model.experts import experts_sorted
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,14 @@ SHAPES = {
     "fine": LayerShape(2048, 768, 128, 8, "fine-grained, DeepSeek/Qwen-like"),
 }
 LARGE_SHAPES = ("mixtral", "fine")
-BACKENDS = ("reference", "sorted", "triton", "grouped_mm", "dense")
+BACKENDS = B.names() + ("dense",)  # every expert back-end of the registry, and the dense ceiling
 FULL_TOKENS = (128, 512, 2048, 8192, 16384, 32768)
 FULL_SHAPE_TOKENS = {  # the full sweep's token counts per shape (those the targets name, and the ends)
     "fine": FULL_TOKENS,
     "teaching": (128, 2048, 16384),
     "mixtral": (512, 4096, 16384),
 }
-SLOW_BACKENDS = ("reference", "sorted")
+SLOW_BACKENDS = B.names(python_loop=True)
 SLOW_MAX_TOKENS = 2048
 """`reference` and `sorted` loop over experts in Python (about 0.2 s per forward+backward of the fine-grained
 layer on an H200, whatever the tokens): the full sweep times them up to this many tokens only."""
@@ -86,66 +86,13 @@ QUICK = {  # (shapes, tokens) per device type for --quick
 FULL_SHAPES = ("fine", "teaching", "mixtral")  # the fine-grained layer first: it carries the targets
 
 
-# ----------------------------------------------------------------------------------------------
-# The torch._grouped_mm back-end
-# ----------------------------------------------------------------------------------------------
-def experts_grouped_mm(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """The `sorted` layout with each projection as one `torch._grouped_mm` call over all experts."""
-    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
-    order, token_of, counts = sort_by_expert(expert_idx, w1.shape[0])
-    offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-    xs = x[token_of]  # (N, d) token copies grouped by expert
-    h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N, f)
-    out = torch._grouped_mm(h, w2, offs=offs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N, d)
-    return torch.zeros_like(x).index_add(0, token_of, out)  # (T, d)
-
-
-def grouped_mm_status(device, dtype: torch.dtype) -> Optional[str]:
-    """None when torch._grouped_mm runs here (checked with a tiny call), else the reason it does not."""
-    if not hasattr(torch, "_grouped_mm"):
-        return f"not available in this torch ({torch.__version__} has no torch._grouped_mm)"
-    try:
-        g = torch.Generator().manual_seed(0)
-        a = torch.randn(32, 16, generator=g).to(device, dtype)
-        b = torch.randn(3, 16, 16, generator=g).to(device, dtype)
-        offs = torch.tensor([8, 8, 32], dtype=torch.int32, device=device)
-        out = torch._grouped_mm(a, b, offs=offs)
-        want = torch.cat([a[:8] @ b[0], a[8:] @ b[2]])
-        if not torch.allclose(out.float(), want.float(), rtol=5e-2, atol=5e-2):
-            return "not available in this torch (a test call returned wrong values)"
-    except Exception as err:  # a CPU build or an old GPU may refuse
-        return f"not available in this torch on {torch.device(device).type}/{str(dtype).replace('torch.', '')}: " \
-               f"{str(err).splitlines()[0][:120]}"
-    return None
-
-
 def backend_status(name: str, device, dtype: torch.dtype) -> Optional[str]:
-    """None when back-end `name` can run here, else why not."""
+    """None when `name` (an expert back-end, or "dense") can run here, else why not."""
+    if name == "dense":
+        return None
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {BACKENDS}")
-    if name == "grouped_mm":
-        return grouped_mm_status(device, dtype)
-    if name == "triton":
-        try:
-            import moe_lab.kernels.moe  # noqa: F401
-            from moe_lab.kernels import check_dtype_supported
-            check_dtype_supported(x=torch.empty(0, dtype=dtype))
-        except (ImportError, RuntimeError, TypeError) as err:
-            return f"not available: {str(err).splitlines()[0][:160]}"
-    return None
-
-
-def expert_fn(name: str):
-    if name == "reference":
-        return experts_reference
-    if name == "sorted":
-        return experts_sorted
-    if name == "grouped_mm":
-        return experts_grouped_mm
-    if name == "triton":
-        from moe_lab.kernels.moe import experts_triton
-        return experts_triton
-    raise ValueError(f"backend={name!r} is not an expert back-end")
+    return B.status(name, device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +128,7 @@ def _case_fn(backend: str, mode: str, inp: dict, shape: LayerShape):
         a.requires_grad_(), b.requires_grad_()
         dc = torch.randn(m, n, generator=g, device=dev, dtype=dt)
         return (lambda: (a @ b).backward(dc)), [a, b]
-    fn = expert_fn(backend)
+    fn = B.experts_fn(backend)
     args = [inp[n] for n in ("x", "expert_idx", "weights", "w1", "w3", "w2")]
     if mode == "forward":
         def fwd():
@@ -335,7 +282,7 @@ def run(shapes, tokens, backends, passes, device, dtype: torch.dtype, ceilings: 
             with torch.no_grad():
                 expected = experts_sorted(inp["x"], inp["expert_idx"], inp["weights"], inp["w1"], inp["w3"], inp["w2"])
         results.append(measure_case(s, t, b, p, device, dtype, ceilings, inp, expected, warmup, repeats,
-                                    note=notes.get(b, ""), graph=b in ("triton", "grouped_mm") and t <= graph_max_tokens))
+                                    note=notes.get(b, ""), graph=b in B.names(capturable=True) and t <= graph_max_tokens))
     return results
 
 

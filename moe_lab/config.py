@@ -57,7 +57,7 @@ class MoEConfig:
     z_loss_coef: float = 0.0  # ST-MoE router z-loss coefficient (0 = off); combines with any balance
     bias_update_rate: float = 1e-3  # gamma of the aux-loss-free bias update (DeepSeek-V3)
     capacity_factor: Optional[float] = None  # tokens per expert = cf * T * k / E; None = dropless
-    backend: Literal["reference", "sorted", "triton"] = "sorted"  # how experts run (same function)
+    backend: str = "sorted"  # how experts run: a name of moe_lab.model.expert_backends (the same function)
 
     def __post_init__(self) -> None:
         _positive_ints(self, "n_experts", "top_k", "d_expert")
@@ -69,7 +69,9 @@ class MoEConfig:
             _fail("MoEConfig", "d_shared", self.d_shared, "a positive integer or None")
         _choice(self, "router", ("softmax", "sigmoid"))
         _choice(self, "balance", ("none", "aux_loss", "aux_free"))
-        _choice(self, "backend", ("reference", "sorted", "triton"))
+        from moe_lab.model.expert_backends import check_name  # here: the model package imports this module
+
+        check_name(self.backend, "MoEConfig.backend")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(self, name) < 0:
                 _fail("MoEConfig", name, getattr(self, name), "a number >= 0")

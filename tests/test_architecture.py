@@ -1,4 +1,5 @@
-"""The package's seams (issue 11): no import cycle, one definition of each cost function.
+"""The package's seams (issue 11): no import cycle, one definition of each cost function, no list of
+expert back-end names outside their registry.
 
 The import graph is read from the source (every `import moe_lab...` and `from moe_lab... import`,
 at module level and inside functions: a cycle closed by an import inside a function is still a
@@ -34,7 +35,9 @@ def import_graph() -> dict:
                 base = node.module or ""
                 if node.level:  # relative import
                     base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+                # `from pkg import submodule` depends on the submodule (a package's __init__ always runs
+                # first, which Python handles); `from module import name` on the module
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for t in targets:
                 if t in modules and t != name:
                     edges.add(t)
@@ -67,6 +70,13 @@ def find_cycle(graph: dict):
     return None
 
 
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 30 and "moe_lab.kernels.moe" in graph
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -96,3 +106,18 @@ def test_the_kernels_cost_names_are_the_cost_modules():
                  "arithmetic_intensity"):
         assert getattr(intro, name) is getattr(cost, name), name
     assert moe_routing.max_padded_rows is cost.max_padded_rows
+
+
+def test_no_list_of_backend_names_outside_the_registry():
+    """A tuple or list literal holding two or more back-end names is a second owner of the names."""
+    names = {"reference", "sorted", "grouped_mm", "triton", "ep"}
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "expert_backends.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                found = {e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names}
+                if len(found) >= 2:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(found)}")
+    assert offenders == []

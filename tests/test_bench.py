@@ -16,6 +16,7 @@ import torch
 
 from moe_lab import bench
 from moe_lab import profiling as P
+from moe_lab.model import expert_backends as B
 from moe_lab.model.experts import experts_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,31 +33,13 @@ def _case(T=19, d=8, f=16, E=5, k=2, seed=0):
     return x, idx, w, W
 
 
-def test_grouped_mm_backend_matches_reference_outputs_and_gradients():
-    reason = bench.grouped_mm_status("cpu", torch.float32)
-    if reason is not None:
-        pytest.skip(reason)
-    x, idx, w, W = _case()
-    x, w, W = x.float(), w.float(), [t.float() for t in W]
-    leaves = [t.clone().requires_grad_() for t in (x, w, *W)]
-    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    outs = []
-    for fn in (experts_reference, bench.experts_grouped_mm):
-        ls = [t.detach().clone().requires_grad_() for t in leaves]
-        y = fn(ls[0], idx, ls[1], *ls[2:])
-        grads = torch.autograd.grad((y * probe).sum(), ls)
-        outs.append((y.detach(), grads))
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(outs[1][1], outs[0][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_grouped_mm_missing_is_reported_not_raised(monkeypatch):
+def test_backend_status_comes_from_the_registry(monkeypatch):
     monkeypatch.delattr(torch, "_grouped_mm")
-    assert bench.grouped_mm_status("cpu", torch.float32).startswith("not available in this torch")
     assert bench.backend_status("grouped_mm", "cpu", torch.float32).startswith("not available in this torch")
+    assert bench.backend_status("dense", "cpu", torch.float32) is None
     with pytest.raises(ValueError, match="backend='cublas'"):
         bench.backend_status("cublas", "cpu", torch.float32)
+    assert bench.BACKENDS[:-1] == B.names() and bench.BACKENDS[-1] == "dense"
 
 
 def test_case_model_uses_the_profiling_models():
@@ -99,10 +82,10 @@ def test_a_failing_or_wrong_backend_becomes_an_error_row(monkeypatch):
     def boom(*args):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(bench, "expert_fn", lambda name: boom)
+    monkeypatch.setattr(B, "experts_fn", lambda name: boom)
     row = bench.measure_case("tiny", 8, "sorted", "forward", "cpu", torch.float32, None, inp, expected, 0, 1)
     assert row["status"] == "error" and "kernel exploded" in row["note"] and row["ms"] is None
-    monkeypatch.setattr(bench, "expert_fn", lambda name: lambda *a: experts_reference(*a) * 1.5)
+    monkeypatch.setattr(B, "experts_fn", lambda name: lambda *a: experts_reference(*a) * 1.5)
     row = bench.measure_case("tiny", 8, "sorted", "forward", "cpu", torch.float32, None, inp, expected, 0, 1)
     assert row["status"] == "error" and "differs from `sorted`" in row["note"]
 

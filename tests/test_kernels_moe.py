@@ -24,7 +24,8 @@ if importlib.util.find_spec("triton") is None:  # find_spec: importing triton he
 
 from moe_lab.kernels import INTERPRETED, moe_gemm  # noqa: E402  (before triton: it picks the interpreter)
 from moe_lab.kernels.moe import experts_triton, moe_align, moe_align_reference  # noqa: E402
-from moe_lab.model.experts import experts_reference, run_experts  # noqa: E402
+from moe_lab.model.expert_backends import run_experts  # noqa: E402
+from moe_lab.model.experts import experts_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not INTERPRETED
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with compiled Triton (here: no GPU or interpreter mode)")

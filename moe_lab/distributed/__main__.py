@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from moe_lab.distributed.launch import launch
 from moe_lab.distributed.workers import moe_layer_check
+from moe_lab.model import expert_backends
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -32,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-expert", type=int, default=64)
     p.add_argument("--n-shared", type=int, default=1)
     p.add_argument("--capacity-factor", type=float, default=None, help="omit for dropless")
-    p.add_argument("--local-backend", default="sorted", choices=["reference", "sorted", "triton"])
+    p.add_argument("--local-backend", default="sorted", choices=expert_backends.names(),
+                   help="how each rank runs its experts (moe_lab.model.expert_backends)")
     p.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=None, help="largest accepted difference (default by dtype)")

@@ -5,8 +5,9 @@ Every back-end computes the same function (DeepSeekMoE / Mixtral style SwiGLU ex
     y[t] = sum_j  weights[t, j] * Expert_{expert_idx[t, j]}(x[t])
     Expert_e(x) = (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]          (SwiGLU, Shazeer 2020)
 
-The contract shared by all back-ends (`reference`, `sorted` here; `triton` in moe_lab.kernels.moe;
-`ep` in moe_lab.distributed):
+The contract shared by all back-ends (`reference`, `sorted`, `grouped_mm` here; `triton` in
+moe_lab.kernels.moe; `ep` in moe_lab.distributed; their registry, names and dispatch in
+moe_lab.model.expert_backends):
 
     x          (T, d)      token activations
     expert_idx (T, k)      int64, chosen experts; -1 marks an assignment dropped by the capacity
@@ -103,14 +104,13 @@ def experts_sorted(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w
     return torch.zeros_like(x).index_add(0, token_of, out)  # un-permute and combine: (T, d)
 
 
-def run_experts(backend: str, x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """Dispatch to an expert back-end by name: 'reference', 'sorted', 'triton' (notebook 06)."""
-    if backend == "reference":
-        return experts_reference(x, expert_idx, weights, w1, w3, w2)
-    if backend == "sorted":
-        return experts_sorted(x, expert_idx, weights, w1, w3, w2)
-    if backend == "triton":
-        from moe_lab.kernels.moe import experts_triton  # imported lazily: Triton is optional
-
-        return experts_triton(x, expert_idx, weights, w1, w3, w2)
-    raise ValueError(f"backend={backend!r}: expected one of 'reference', 'sorted', 'triton'")
+def experts_grouped_mm(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """The `sorted` layout with each projection as one `torch._grouped_mm` call over all experts (one
+    launch per projection instead of one per expert; where this torch has it: expert_backends.status)."""
+    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
+    order, token_of, counts = sort_by_expert(expert_idx, w1.shape[0])
+    offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+    xs = x[token_of]  # (N, d) token copies grouped by expert
+    h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N, f)
+    out = torch._grouped_mm(h, w2, offs=offs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N, d)
+    return torch.zeros_like(x).index_add(0, token_of, out)  # (T, d)
