@@ -209,3 +209,25 @@ def plot_bench_record(record: dict, shape: Optional[str] = None, live_rows=(), l
                       roof_label=f"live here: {live_ceilings.device[:32]}", title=axes[2].get_title(), color="0.6")
     fig.tight_layout()
     return fig
+
+
+def plot_backend_times(rows, ax=None, title: Optional[str] = None):
+    """Bench rows (moe_lab.bench.run) as bars: milliseconds per back-end, one bar per pass, with the
+    layer, tokens and dtype in the title. Rows that did not run are left out. Returns the axes."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        raise ValueError("no successful bench rows to plot")
+    ax = _axes(ax, figsize=(6.5, 3.2))
+    backends = list(dict.fromkeys(r["backend"] for r in ok))
+    passes = list(dict.fromkeys(r["pass"] for r in ok))
+    width = 0.8 / len(passes)
+    for i, mode in enumerate(passes):
+        ms = [next((r["ms"] for r in ok if r["backend"] == b and r["pass"] == mode), float("nan")) for b in backends]
+        ax.bar([j + (i - (len(passes) - 1) / 2) * width for j in range(len(backends))], ms, width=width, label=mode)
+    ax.set_xticks(range(len(backends)), backends)
+    ax.set_ylabel("ms per call (median)")
+    r0 = ok[0]
+    ax.set_title(title or f"{r0['shape']} layer, {r0['tokens']} tokens, E={r0['n_experts']}, top-{r0['top_k']}, "
+                          f"{r0['dtype']}", fontsize=9)
+    ax.legend(fontsize=8)
+    return ax

@@ -666,7 +666,7 @@ for name, case in cases.items():
 
 # %%
 from moe_lab.config import MoEConfig
-from moe_lab.model import MoELayer
+from moe_lab.model import MoELayer, expert_backends
 
 configs = {
     "sigmoid router, shared expert, aux + z-loss": MoEConfig(n_experts=6, top_k=2, d_expert=16, n_shared=1, router="sigmoid",
@@ -677,70 +677,32 @@ for cname, mcfg in configs.items():
     runtime.seed_everything(0)
     layer = MoELayer(32, mcfg).to(dev)
     xb = torch.randn(3, 20, 32, device=dev)
-    results = {}
-    for backend in ["reference", "sorted", "triton"]:
-        layer.zero_grad()
-        layer.backend = backend
-        out = layer(xb)
-        (out.square().mean() + layer.aux_loss).backward()
-        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
-    dropped = layer.last_stats.dropped
-    ref_out, ref_grads = results["reference"]
-    for backend in ["sorted", "triton"]:
-        out, grads = results[backend]
-        out_err = ((out - ref_out).abs().max() / ref_out.abs().max()).item()  # relative to the largest value
-        grad_err = max(((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item() for n in grads)
-        print(f"{cname:44s} {backend:>7} vs reference: relative difference of outputs {out_err:.1e}, "
-              f"of gradients {grad_err:.1e} ({dropped} assignments dropped)")
-        assert out_err < 1e-5 and grad_err < 1e-4, (cname, backend)
+    for row in expert_backends.layer_agreement(layer, xb, ["sorted", "triton"]):  # vs "reference"
+        print(f"{cname:44s} {row['backend']:>7} vs reference: relative difference of outputs {row['output']:.1e}, "
+              f"of gradients {row['gradient']:.1e} ({layer.last_stats.dropped} assignments dropped)")
+        assert row["output"] < 1e-5 and row["gradient"] < 1e-4, (cname, row)
 
 # %% [markdown]
 # ### A first timing (GPU only)
 #
 # On a GPU, compare the three back-ends at the GPU preset's layer size (8,192 tokens, 16 experts,
-# top-2, in bf16), forward only and forward + backward. Notebook 07 carries out the full study
+# top-2, in bf16), forward only and forward + backward, with the benchmark's own code
+# (`moe_lab.bench.run`, the same as `python -m moe_lab.bench`). Notebook 07 carries out the full study
 # (kernel configurations, rooflines, `torch._grouped_mm`, dense cuBLAS). Under the interpreter the numbers would
 # measure Python, so on a CPU the cell only says so.
 
 # %%
 if rt.on_gpu:
-    from triton.testing import do_bench
+    from moe_lab import bench, plots, profiling
     from moe_lab.config import preset
 
-    pg = preset("gpu").moe
     Tg = preset("gpu").train.batch_size * preset("gpu").train.seq_len  # tokens of one training batch
-    dg, Eg, kg, fg = pg.d_model, pg.moe.n_experts, pg.moe.top_k, pg.moe.d_expert
-    gen = torch.Generator().manual_seed(0)
-    xg = torch.randn(Tg, dg, generator=gen).to(dev, rt.dtype)
-    wg, idxg = torch.randn(Tg, Eg, generator=gen).softmax(-1).topk(kg, dim=-1)
-    wg, idxg = (wg / wg.sum(-1, keepdim=True)).to(dev, rt.dtype), idxg.to(dev)
-    p1, p3 = (torch.randn(Eg, dg, fg, generator=gen).mul(dg**-0.5).to(dev, rt.dtype) for _ in range(2))
-    p2 = torch.randn(Eg, fg, dg, generator=gen).mul(fg**-0.5).to(dev, rt.dtype)
-    leaves = [t.requires_grad_() for t in (xg, wg, p1, p3, p2)]
-    dyg = torch.randn(Tg, dg, device=dev, dtype=rt.dtype)
-    backends = {"reference": experts_reference, "sorted": experts_sorted, "triton": experts_triton}
-    y_ref32 = experts_reference(*(t.detach().float() if t.is_floating_point() else t for t in (xg, idxg, wg, p1, p3, p2)))
-    torch.testing.assert_close(experts_triton(xg, idxg, wg, p1, p3, p2).float(), y_ref32, rtol=5e-2, atol=5e-2)
-    ms_fwd, ms_fb = {}, {}
-    for name, fn in backends.items():
-        with torch.no_grad():
-            fn(xg, idxg, wg, p1, p3, p2)  # warm-up: compiles the Triton kernels on first use
-        fn(xg, idxg, wg, p1, p3, p2).backward(dyg)
-        with torch.no_grad():
-            ms_fwd[name] = do_bench(lambda: fn(xg, idxg, wg, p1, p3, p2))
-        ms_fb[name] = do_bench(lambda: fn(xg, idxg, wg, p1, p3, p2).backward(dyg), grad_to_none=leaves)
-    flops = 2 * 3 * Tg * kg * dg * fg  # three matmuls per routed row
-    for name in backends:
-        print(f"{name:>9}: forward {ms_fwd[name]:7.3f} ms ({flops / ms_fwd[name] / 1e9:6.1f} TFLOP/s), "
-              f"forward+backward {ms_fb[name]:7.3f} ms")
-    fig, ax = plt.subplots(figsize=(6, 3))
-    xs_ = torch.arange(len(backends)).float()
-    ax.bar(xs_ - 0.2, list(ms_fwd.values()), width=0.4, label="forward")
-    ax.bar(xs_ + 0.2, list(ms_fb.values()), width=0.4, label="forward + backward")
-    ax.set_xticks(xs_.tolist(), list(backends))
-    ax.set_ylabel("ms (triton.testing.do_bench)")
-    ax.set_title(f"experts, {Tg} tokens, E={Eg}, top-{kg}, d={dg}, f={fg}, {str(rt.dtype).replace('torch.', '')}")
-    ax.legend()
+    # the benchmark's own timer (do_bench) and inputs, on the gpu preset's layer ("teaching")
+    rows = bench.run(["teaching"], [Tg], ["reference", "sorted", "triton"], ["forward", "forward+backward"], dev,
+                     rt.dtype, ceilings=None, progress=False)
+    print(profiling.summarize(rows))
+    assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows if r["status"] != "ok"]
+    plots.plot_backend_times(rows)
     plt.show()
 else:
     print("Timings skipped: under Triton's interpreter they would measure Python and NumPy, not the kernels. "

@@ -83,3 +83,20 @@ def test_a_checkpoint_from_before_the_experts_module_still_loads():
     fresh = MoELayer(8, MoEConfig(n_experts=4, top_k=2, d_expert=6))
     fresh.load_state_dict(old)
     assert torch.equal(fresh.w1, layer.w1) and torch.equal(fresh.w2, layer.w2)
+
+
+def test_layer_agreement_compares_every_parameter_and_restores_the_backend():
+    torch.manual_seed(0)
+    layer = MoELayer(8, MoEConfig(n_experts=4, top_k=2, d_expert=6, n_shared=1, balance="aux_loss")).double()
+    layer.backend = "sorted"
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    (row,) = B.layer_agreement(layer, x, ["sorted"])
+    assert row["output"] < 1e-12 and row["gradient"] < 1e-12 and row["worst_parameter"]
+    assert layer.backend == "sorted" and all(p.grad is None or p.grad.abs().max() == 0 for p in layer.parameters())
+    real = B.experts_fn
+    B_fn = lambda name: (lambda *a: real("reference")(*a) * 1.1) if name == "sorted" else real(name)  # noqa: E731
+    import unittest.mock as mock
+
+    with mock.patch.object(B, "experts_fn", B_fn):
+        (bad,) = B.layer_agreement(layer, x, ["sorted"])
+    assert bad["output"] > 1e-6 and bad["gradient"] > 0.05  # the routed part is small next to the shared expert at init

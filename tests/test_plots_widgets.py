@@ -82,3 +82,16 @@ def test_plot_errors_are_clear():
         plots.plot_loss_curves({}, x="epoch")
     with pytest.raises(ValueError, match="no expert load"):
         plots.plot_load_over_time(History())
+
+
+def test_backend_times_plot_labels_every_bar():
+    rows = [dict(shape="teaching", tokens=128, n_experts=16, top_k=2, dtype="bfloat16", backend=b, status="ok", ms=ms,
+                 **{"pass": p}) for b, p, ms in [("sorted", "forward", 2.0), ("triton", "forward", 0.5),
+                                                 ("sorted", "forward+backward", 6.0), ("triton", "forward+backward", 1.5)]]
+    rows.append(dict(rows[0], backend="grouped_mm", status="skipped", ms=None))
+    ax = plots.plot_backend_times(rows)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sorted", "triton"]
+    assert sorted(p.get_height() for p in ax.patches) == [0.5, 1.5, 2.0, 6.0]
+    assert ax.get_ylabel() and "teaching" in ax.get_title()
+    with pytest.raises(ValueError, match="no successful"):
+        plots.plot_backend_times(rows[-1:])

@@ -191,3 +191,39 @@ def agreement(backends: Sequence[str], x: Tensor, expert_idx: Tensor, weights: T
         worst = max(diffs, key=diffs.get)
         rows.append(dict(backend=name, output=rel(y.float(), y_ref.float()), gradient=diffs[worst], worst_gradient=worst))
     return rows
+
+
+def layer_agreement(layer, x: Tensor, backends: Sequence[str], reference: str = "reference", loss=None) -> list[dict]:
+    """The same check for a whole layer (anything with a settable `backend`, an `aux_loss` and
+    parameters, such as an MoELayer): its output and the gradient of every parameter (router and
+    shared experts included) under each back-end, against `reference`, as relative differences:
+    [{"backend", "output", "gradient", "worst_parameter"}]. loss(y, layer) defaults to
+    mean(y^2) + the layer's auxiliary loss. The layer's back-end is restored afterwards."""
+    loss = loss or (lambda y, m: y.square().mean() + m.aux_loss)
+    before = layer.backend
+
+    def run(name):
+        layer.zero_grad()
+        layer.backend = name
+        y = layer(x)
+        loss(y, layer).backward()
+        return y.detach(), {n: p.grad.detach().clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+    def rel(a: Tensor, b: Tensor) -> float:
+        return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12) if a.numel() else 0.0
+
+    try:
+        y_ref, g_ref = run(reference)
+        rows = []
+        for name in backends:
+            y, g = run(name)
+            if set(g) != set(g_ref):
+                raise AssertionError(f"{name}: gradients reach {sorted(g)}, {reference}'s reach {sorted(g_ref)}")
+            diffs = {n: rel(g[n].float(), g_ref[n].float()) for n in g_ref}
+            worst = max(diffs, key=diffs.get) if diffs else None
+            rows.append(dict(backend=name, output=rel(y.float(), y_ref.float()),
+                             gradient=diffs[worst] if worst else 0.0, worst_parameter=worst))
+    finally:
+        layer.zero_grad()
+        layer.backend = before
+    return rows
