@@ -219,3 +219,33 @@ def preset(name: Optional[str] = None) -> Preset:
         return Preset("gpu", _moe_model(256, 4, 8, 128, moe),
                       TrainConfig(steps=4000, batch_size=64, seq_len=128, lr=2e-3, warmup_steps=200, eval_every=250, eval_batches=8))
     raise ValueError(f"preset name={name!r}: expected one of 'gpu', 'cpu', 'ci'")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sizes of the notebooks' own experiments, per mode, beside the presets of the models they train
+# ----------------------------------------------------------------------------------------------
+NOTEBOOK_SIZES: dict = {
+    "00": {"matmul_n": {"gpu": (1024, 2048, 4096, 8192), "cpu": (128, 256, 512, 1024), "ci": (64, 128, 256)}},
+    "05": {"softmax": {"gpu": (1823, 781), "cpu": (1823, 781), "ci": (257, 781)},  # (rows, columns), not powers of 2
+           "matmul": {"gpu": (1823, 781, 517), "cpu": (257, 193, 311), "ci": (127, 95, 131)}},  # (M, N, K)
+    "06": {"edge_case_tokens": {"gpu": 300, "cpu": 120, "ci": 40},
+           "train_batch": {"gpu": None, "cpu": (8, 64), "ci": (4, 32)}},  # (batch, seq); None: the preset's
+    "07": {"ceilings": {"gpu": {}, "cpu": dict(matmul_n=1024, copy_bytes=64 << 20),
+                        "ci": dict(matmul_n=512, copy_bytes=16 << 20)},  # measure_ceilings' arguments
+           "live_bench": {"gpu": dict(shapes=("teaching", "fine"), tokens=(128, 2048, 8192)),
+                          "cpu": dict(shapes=("tiny", "teaching"), tokens=(64, 512)),
+                          "ci": dict(shapes=("tiny",), tokens=(64, 512))}},
+    "09": {"layer": {"gpu": dict(T=256, d=128, f=128, E=8, k=2), "cpu": dict(T=64, d=64, f=64, E=8, k=2),
+                     "ci": dict(T=8, d=16, f=16, E=8, k=2)},  # tokens per rank, widths, experts, top-k
+           "routing_tokens": {"gpu": 8192, "cpu": 4096, "ci": 1024}},
+}
+
+
+def notebook_sizes(notebook: str, mode: str) -> dict:
+    """{name: size} of one notebook's experiments in `mode` ("gpu", "cpu" or "ci"), e.g.
+    notebook_sizes("05", rt.mode)["matmul"] -> (M, N, K). The models' sizes are the presets'."""
+    if notebook not in NOTEBOOK_SIZES:
+        raise ValueError(f"notebook={notebook!r}: expected one of {sorted(NOTEBOOK_SIZES)}")
+    if mode not in ("gpu", "cpu", "ci"):
+        raise ValueError(f"mode={mode!r}: expected 'gpu', 'cpu' or 'ci'")
+    return {name: per_mode[mode] for name, per_mode in NOTEBOOK_SIZES[notebook].items()}

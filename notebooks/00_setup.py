@@ -123,7 +123,9 @@ checks.check_matmul_flops(matmul_flops)  # the same as moe_lab.kernels.intro.mat
 # So two n×n matrices cost 2n³ FLOPs. Time them at a few sizes:
 
 # %%
-sizes = {"gpu": [1024, 2048, 4096, 8192], "cpu": [128, 256, 512, 1024], "ci": [64, 128, 256]}[rt.mode]
+from moe_lab.config import notebook_sizes
+
+sizes = notebook_sizes("00", rt.mode)["matmul_n"]  # matrix sizes for this mode
 from moe_lab import profiling
 
 tflops = [profiling.measure_matmul_tflops(rt.device, rt.dtype, n) for n in sizes]  # the timer of notebook 07

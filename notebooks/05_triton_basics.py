@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_lab.config import notebook_sizes
 from moe_lab.kernels import INTERPRETED, intro  # intro: the canonical kernels of this notebook
 
 dev = rt.device  # where kernel inputs live: 'cuda' (compiled) or 'cpu' (interpreter)
@@ -255,7 +256,7 @@ def softmax_triton(x):
 # results should match torch's softmax to float32 rounding, and match `moe_lab.kernels.intro.softmax`.
 
 # %%
-M, N = {"gpu": (1823, 781), "cpu": (1823, 781), "ci": (257, 781)}[rt.mode]
+M, N = notebook_sizes("05", rt.mode)["softmax"]  # not powers of two: the masks must work
 wide = torch.randn(M, N + 19, device=dev) * 3
 x = wide[:, :N]  # (M, N) view with row stride N + 19
 assert not x.is_contiguous() and x.stride(0) == N + 19
@@ -420,7 +421,7 @@ def matmul_triton(a, b, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, **launch)
 # `moe_lab.kernels.intro.matmul`, using row-major and grouped order.
 
 # %%
-M, N, K = {"gpu": (1823, 781, 517), "cpu": (257, 193, 311), "ci": (127, 95, 131)}[rt.mode]
+M, N, K = notebook_sizes("05", rt.mode)["matmul"]
 a = torch.randn(M, K, device=dev)
 b = torch.randn(N, K, device=dev).t()  # (K, N) with strides (1, K)
 assert b.stride() == (1, K)

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
+from moe_lab.config import notebook_sizes
 from moe_lab.kernels import INTERPRETED, config_table, moe_gemm  # after runtime.setup(): it imports triton
 from moe_lab.kernels.moe import MoEExpertsFunction, experts_triton, last_choice
 from moe_lab.kernels.moe_backward import moe_experts_backward
@@ -642,7 +643,7 @@ def compare_backends(case):
     return out_err, grad_err
 
 
-n_tok = {"gpu": 300, "cpu": 120, "ci": 40}[rt.mode]
+n_tok = notebook_sizes("06", rt.mode)["edge_case_tokens"]
 half = lambda n, k: torch.where(torch.arange(n * k).reshape(n, k) % 2 == 0, torch.arange(n * k).reshape(n, k) % 4, -1)
 cases = {
     "random, 25% dropped, expert 4 empty": make_case(n_tok, 24, 40, 5, 2, seed=5, drop=0.25),
@@ -732,7 +733,7 @@ from moe_lab.model import Transformer
 
 p = preset(rt.mode)
 mcfg = p.moe if rt.on_gpu else replace(p.moe, n_layers=2)  # the interpreter: 2 MoE layers
-batch_size, seq_len = (p.train.batch_size, p.train.seq_len) if rt.on_gpu else {"cpu": (8, 64), "ci": (4, 32)}[rt.mode]
+batch_size, seq_len = notebook_sizes("06", rt.mode)["train_batch"] or (p.train.batch_size, p.train.seq_len)
 batch = batch_fn(course_mixture(), batch_size, seq_len, seed=0, device=dev)("train")
 
 runtime.seed_everything(0)

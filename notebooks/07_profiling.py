@@ -92,6 +92,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_lab import bench, plots, profiling
+from moe_lab.config import notebook_sizes
 from moe_lab.model.experts import experts_reference, experts_sorted
 
 T, d, f, E, k = 37, 16, 24, 6, 2
@@ -240,8 +241,8 @@ for backend in ("minimal", "triton", "grouped_mm", "sorted", "reference"):
 dev = rt.device
 if not rt.on_gpu:
     torch.set_num_threads(1)  # steadier medians for small ops on a shared CPU; the ceilings use the same
-sizes = {"ci": dict(matmul_n=512, copy_bytes=16 << 20), "cpu": dict(matmul_n=1024, copy_bytes=64 << 20), "gpu": {}}
-ceil = profiling.measure_ceilings(dev, rt.dtype, **sizes[rt.mode])
+sizes = notebook_sizes("07", rt.mode)
+ceil = profiling.measure_ceilings(dev, rt.dtype, **sizes["ceilings"])
 unit, scale = ("TFLOP/s", 1e12) if rt.on_gpu else ("GFLOP/s", 1e9)
 print(f"{ceil.device}, {ceil.dtype}")
 print(f"  compute roof: {ceil.peak_flops / scale:8.2f} {unit}  ({ceil.matmul_n}^3 matmul)")
@@ -276,11 +277,8 @@ checks.check_roofline(roofline)
 # layer, every back-end.
 
 # %%
-live_cfg = {
-    "ci": dict(shapes=["tiny"], tokens=[64, 512], backends=["reference", "sorted", "grouped_mm", "dense"]),
-    "cpu": dict(shapes=["tiny", "teaching"], tokens=[64, 512], backends=["reference", "sorted", "grouped_mm", "dense"]),
-    "gpu": dict(shapes=["teaching", "fine"], tokens=[128, 2048, 8192], backends=list(bench.BACKENDS)),
-}[rt.mode]
+live_cfg = dict(sizes["live_bench"],
+                backends=[b for b in bench.BACKENDS if rt.on_gpu or b != "triton"])  # no interpreter timings
 live = bench.run(live_cfg["shapes"], live_cfg["tokens"], live_cfg["backends"], ["forward"], dev, rt.dtype, ceil,
                  warmup=1, repeats=3, progress=False)
 print(profiling.summarize(live))

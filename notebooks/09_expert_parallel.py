@@ -205,11 +205,9 @@ def ep_simulated(xs, idxs, ws, w1, w3, w2):
 from moe_lab.config import MoEConfig
 from moe_lab.model import MoELayer
 
-SIZES = {  # tokens per rank, model width, expert width, routed experts, top-k: sized by mode
-    "gpu": dict(T=256, d=128, f=128, E=8, k=2),
-    "cpu": dict(T=64, d=64, f=64, E=8, k=2),
-    "ci": dict(T=8, d=16, f=16, E=8, k=2),
-}[rt.mode]
+from moe_lab.config import notebook_sizes
+
+SIZES = notebook_sizes("09", rt.mode)["layer"]  # tokens per rank, model width, expert width, routed experts, top-k
 T, d, f, E, k = (SIZES[n] for n in ("T", "d", "f", "E", "k"))
 DTYPE = torch.float64
 cfg = MoEConfig(n_experts=E, top_k=k, d_expert=f, n_shared=1, backend="reference")
@@ -661,7 +659,7 @@ def nodes_per_token(idx, n_nodes, experts_per_node):
     return F.one_hot(idx // experts_per_node, n_nodes).amax(1).sum(-1)  # (T,) distinct nodes each token visits
 
 
-n_nodes, M, n_tok = 8, 4, {"gpu": 8192, "cpu": 4096, "ci": 1024}[rt.mode]
+n_nodes, M, n_tok = 8, 4, notebook_sizes("09", rt.mode)["routing_tokens"]
 scores = torch.randn(n_tok, n_routed, generator=torch.Generator().manual_seed(0)).sigmoid()
 free = nodes_per_token(scores.topk(top_k_v3, -1).indices, n_nodes, n_routed // n_nodes)
 limited = nodes_per_token(node_limited_topk(scores, n_nodes, M, top_k_v3), n_nodes, n_routed // n_nodes)

@@ -121,3 +121,22 @@ def test_no_list_of_backend_names_outside_the_registry():
                 if len(found) >= 2:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(found)}")
     assert offenders == []
+
+
+def test_notebook_sizes_live_beside_the_presets_for_every_mode():
+    from moe_lab.config import NOTEBOOK_SIZES, notebook_sizes
+
+    for nb, entries in NOTEBOOK_SIZES.items():
+        for name, per_mode in entries.items():
+            assert set(per_mode) == {"gpu", "cpu", "ci"}, (nb, name)
+    assert notebook_sizes("05", "ci")["matmul"] == (127, 95, 131)
+    with pytest.raises(ValueError, match="notebook='99'"):
+        notebook_sizes("99", "cpu")
+    with pytest.raises(ValueError, match="mode='tpu'"):
+        notebook_sizes("05", "tpu")
+    inline = []  # a cell that picks a size by indexing a dict literal with the mode
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict) and "mode" in ast.unparse(node.slice):
+                inline.append(f"{path.name}:{node.lineno}")
+    assert inline == []
