@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -95,6 +96,11 @@ def main(argv: Optional[list] = None) -> int:
                         help=f"time limit of the {name} step (default {DEFAULT_TIMEOUT[name]})")
     ap.add_argument("--dry-run", action="store_true", help="print the steps and exit (works without a GPU)")
     args = ap.parse_args(argv)
+    for flag, value, least in [("--budget-s", args.budget_s, 30)] + [(f"--timeout-{n}", getattr(args, f"timeout_{n}"), 1) for n in STEPS]:
+        if not (math.isfinite(value) and value >= least):  # checked before any work, even with --dry-run
+            ap.error(f"argument {flag}: {value}: expected a finite number of seconds >= {least}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"argument --out: {args.out} is a file: expected a folder (made if missing)")
 
     import torch
 
