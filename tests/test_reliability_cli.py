@@ -4,10 +4,11 @@ files behind (the forkserver's pymp-* socket folder, torchrun's torchelastic_* f
 
 Run: .venv/bin/python -m pytest tests/test_reliability_cli.py -q
 """
-import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -153,6 +154,14 @@ def test_expert_backends_name_a_weight_of_another_dtype(backend, bad):
 
 
 # --- no temporary files left behind ------------------------------------------------------------------------
+@pytest.fixture
+def private_tmp():
+    """A fresh, short temporary folder (a Unix socket path inside it must stay under ~100 characters)."""
+    folder = Path(tempfile.mkdtemp(prefix="mlt"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _leftovers(folder: Path, wait: float = 10.0) -> list:
     deadline = time.monotonic() + wait
     while True:
@@ -162,10 +171,9 @@ def _leftovers(folder: Path, wait: float = 10.0) -> list:
         time.sleep(0.2)
 
 
-def test_a_killed_notebook_kernel_leaves_no_forkserver_socket_folder(tmp_path):
+def test_a_killed_notebook_kernel_leaves_no_forkserver_socket_folder(tmp_path, private_tmp):
     """Like nbval and Jupyter's "shut down now": SIGKILL to the kernel's whole process group after a launch()."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = private_tmp
     script = textwrap.dedent("""
         import os, signal
         from moe_lab.distributed import launch
@@ -182,9 +190,8 @@ def test_a_killed_notebook_kernel_leaves_no_forkserver_socket_folder(tmp_path):
     assert _leftovers(tmp) == []
 
 
-def test_a_torchrun_run_leaves_no_torchelastic_folder(tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+def test_a_torchrun_run_leaves_no_torchelastic_folder(private_tmp):
+    tmp = private_tmp
     code = ("from moe_lab.distributed.launch import run_torchrun; r = run_torchrun(2, '--tokens', 8); "
             "print(r.returncode); print(r.stdout); print(r.stderr[-2000:])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
