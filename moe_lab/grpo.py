@@ -146,8 +146,7 @@ def sample_rollouts(model, problems: Sequence[Problem], group_size: int, tempera
     """
     from moe_lab.evaluation import generate_completions
 
-    if group_size < 1:
-        raise ValueError(f"group_size={group_size}: expected an integer >= 1")
+    _check_group_size(group_size, "sample_rollouts")
     if not problems:
         raise ValueError("sample_rollouts: no problems given")
     pairs = generate_completions(model, problems, group_size, temperature, generator=generator,
