@@ -124,7 +124,7 @@ def plot_roofline(peak_flops: float, bandwidth: float, points: Sequence[dict] = 
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
     ax.set_ylabel(f"attained {unit}")
     ax.set_title(title or "roofline")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     return ax
 
 
@@ -161,14 +161,21 @@ def backend_color(backend: str) -> str:
     return f"C{names.index(backend)}" if backend in names else "C9"
 
 
+SHAPE_MARKERS = {"tiny": "o", "teaching": "s", "fine": "*", "mixtral": "^"}
+
+
 def bench_points(rows, with_tokens: bool = True, color: Optional[str] = None) -> list[dict]:
     """Roofline points (see plot_roofline) of successful bench rows: intensity and attained FLOP/s.
-    `color` overrides the back-end colours (live points drawn grey beside recorded ones)."""
+    Colour = back-end; marker = back-end when the rows hold one layer, the layer when they hold
+    several (so no two series share a symbol). `color` overrides the colours (live points drawn grey
+    beside recorded ones)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    several = len({r["shape"] for r in ok}) > 1
     return [dict(label=f"{r['backend']}, {r['shape']} T={r['tokens']}" if with_tokens else r["backend"],
                  intensity=r["intensity"], flops=r["flops"] / (r["ms"] * 1e-3),
-                 marker=BACKEND_MARKERS.get(r["backend"], "o"),
-                 color=color or backend_color(r["backend"]))
-            for r in rows if r["status"] == "ok"]
+                 marker=SHAPE_MARKERS.get(r["shape"], "P") if several else BACKEND_MARKERS.get(r["backend"], "o"),
+                 color=color or backend_color(r["backend"]), size=60 if several else 30)
+            for r in ok]
 
 
 def plot_bench_record(record: dict, shape: Optional[str] = None, live_rows=(), live_ceilings=None):

@@ -158,13 +158,3 @@ def environment_table(rt: Runtime) -> list[tuple[str, str]]:
         major, minor = torch.cuda.get_device_capability(rt.device)
         rows.append(("compute capability", f"{major}.{minor}"))
     return rows
-
-
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
-    """Median TFLOP/s of an n x n x n matmul on this device (2 n^3 FLOPs each), after a warm-up.
-
-    The compute roof of notebook 07, measured by the same timer (moe_lab.profiling.bench_ms)."""
-    from moe_lab.profiling import measure_matmul_ceiling
-
-    flops, _ = measure_matmul_ceiling(device, dtype, n, repeats=repeats)
-    return flops / 1e12

@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from moe_lab.kernels import INTERPRETED, moe_gemm  # after runtime.setup(): it imports triton
-from moe_lab.kernels.moe import MoEExpertsFunction, experts_triton
+from moe_lab.kernels import INTERPRETED, config_table, moe_gemm  # after runtime.setup(): it imports triton
+from moe_lab.kernels.moe import MoEExpertsFunction, experts_triton, last_choice
 from moe_lab.kernels.moe_backward import moe_experts_backward
 from moe_lab.kernels.moe_gemm import moe_combine, moe_down, moe_up, pick_block_m
 from moe_lab.kernels.moe_routing import max_padded_rows, moe_align, moe_align_reference
@@ -236,9 +236,10 @@ assert overheads[(512, 256, 8)][-1] > 1.0  # 16 rows per expert in blocks of 128
 
 # %% [markdown]
 # With hundreds of rows per expert, padding costs a few percent. With 16 rows per expert, blocks of
-# 128 rows would be mostly padding. `moe_lab.kernels.moe_gemm.pick_block_m` therefore picks a block
-# near the average rows per expert: at least 16 (compiled `tl.dot` needs that) and at most 64 (32
-# under the interpreter).
+# 128 rows would be mostly padding. Without other information, `moe_lab.kernels.moe_gemm.pick_block_m`
+# therefore picks a block near the average rows per expert: at least 16 (compiled `tl.dot` needs
+# that) and at most 128 (32 under the interpreter). On a GPU with a tuned table (notebook 07), the
+# table names the row block that measured fastest for the layer's shape and token count.
 #
 # **Explore the padding.** `moe_lab.tiling.grouped_gemm_tiling` counts the same layout from the
 # rows per expert alone: padded rows, the wasted fraction, the blocks used and allocated, and the
@@ -274,7 +275,7 @@ moe_padding_explorer()
 #
 # - **its B matrix depends on the block**: the program reads `block_expert` and offsets the
 #   weight pointers by `e * stride_we`. That is all a *grouped* GEMM is.
-# - **its A rows are gathered**: row pointers are built from `tok = sorted_ids // TOP_K`, so the
+# - **its A rows are gathered**: row pointers are built from `tok = sorted_ids // top_k`, so the
 #   kernel reads x's rows in place. The `sorted` back-end writes a permuted copy of x first; this
 #   kernel never does.
 # - **two accumulators share one load of x**: `x @ w1` and `x @ w3` are computed together, and
@@ -300,13 +301,16 @@ show_source(moe_gemm.moe_up_kernel)
 # %% [markdown]
 # Reading it part by part:
 #
-# 1. **Which block, which expert.** `pid_m` selects a block of sorted rows and `pid_n` a block of
-#    f columns. `e = block_expert[pid_m]`. A block with `e < 0` lies past the last used row, and its
-#    program returns at once.
+# 1. **Which block, which expert.** `row_block_tile` turns the program's number into `pid_m`, a
+#    block of sorted rows, and `pid_n`, a block of f columns. With `GROUP_M = 1` the column tiles of
+#    one row block come one after another; with a larger `GROUP_M`, that many row blocks walk the
+#    column tiles together (the grouped order of notebook 05's matmul). `e = block_expert[pid_m]`.
+#    A block with `e < 0` lies past the last used row, and its program returns at once.
 # 2. **Which rows, which tokens.** `flat = sorted_ids[rows]`. `row_ok = flat < n_assignments`
-#    masks the padding (the sentinel is exactly `n_assignments`), and `tok = flat // TOP_K` is the
-#    row of x to read. `TOP_K` is a `tl.constexpr`, so the division compiles to cheap integer
-#    arithmetic.
+#    masks the padding (the sentinel is exactly `n_assignments`), and `tok = flat // top_k` is the
+#    row of x to read. `top_k`, `n_assignments` and `n_blocks` are plain arguments, listed in
+#    `do_not_specialize`: Triton compiles the kernel once for every token count and top-k (a
+#    `tl.constexpr`, or an integer it specialises on, would compile a new kernel for each value).
 # 3. **The K loop.** As in notebook 05, except that `x_ptrs` starts at a *gathered* row of x for
 #    each lane. Padding rows load zeros, so they compute zeros and never read memory they should not.
 # 4. **The epilogue.** `h = acc1 * sigmoid(acc1) * acc3` is SwiGLU in float32, stored only for real
@@ -512,6 +516,7 @@ y_ref = experts_reference(x_c, idx_c, w_c, w1_c, w3_c, w2_c)
 torch.testing.assert_close(y_tri, y_ref, rtol=1e-5, atol=1e-5)
 print(f"experts_triton == experts_reference: largest difference {(y_tri - y_ref).abs().max().item():.1e} "
       f"(block_m picked: {pick_block_m(idx_c.numel(), 5)})")
+print(config_table.describe(last_choice()))  # which configuration each kernel ran with, and why
 
 # %% [markdown]
 # ## 5. The backward pass
@@ -694,7 +699,7 @@ for cname, mcfg in configs.items():
 #
 # On a GPU, compare the three back-ends at the GPU preset's layer size (8,192 tokens, 16 experts,
 # top-2, in bf16), forward only and forward + backward. Notebook 07 carries out the full study
-# (autotuning, rooflines, `torch._grouped_mm`, dense cuBLAS). Under the interpreter the numbers would
+# (kernel configurations, rooflines, `torch._grouped_mm`, dense cuBLAS). Under the interpreter the numbers would
 # measure Python, so on a CPU the cell only says so.
 
 # %%
@@ -719,7 +724,7 @@ if rt.on_gpu:
     ms_fwd, ms_fb = {}, {}
     for name, fn in backends.items():
         with torch.no_grad():
-            fn(xg, idxg, wg, p1, p3, p2)  # warm-up: compiles and autotunes Triton kernels on first use
+            fn(xg, idxg, wg, p1, p3, p2)  # warm-up: compiles the Triton kernels on first use
         fn(xg, idxg, wg, p1, p3, p2).backward(dyg)
         with torch.no_grad():
             ms_fwd[name] = do_bench(lambda: fn(xg, idxg, wg, p1, p3, p2))
@@ -804,6 +809,34 @@ else:
 # The two models took the same step. From here on, `model.set_backend("triton")` is a drop-in
 # switch: notebook 07 measures what it buys on a GPU, and `moe_lab.train` trains with any back-end.
 #
+# ## 9. From the simple kernel to the package's: what it adds for speed
+#
+# The kernels above are the simple version of the idea: one program per (row block, column tile),
+# a tile loop over K, fused epilogues. The package's kernels are exactly these, with a few additions
+# that change how fast they run on a GPU and nothing in what they compute (the tests run every
+# configuration against `experts_reference`):
+#
+# 1. **Configurations tuned ahead, per device.** BLOCK_N, BLOCK_K, GROUP_M, warps and pipeline
+#    stages come from `moe_lab/kernels/configs/<device>.json`, written once by
+#    `python -m moe_lab.tune` from timings of every candidate on the course's shapes. At run time a
+#    lookup, not a timing: `config_table.describe(last_choice())` prints what ran and why.
+# 2. **Row blocks up to 128 rows** where experts hold many rows: larger tiles reuse every weight
+#    tile loaded into shared memory for more rows (more FLOPs per byte), at the cost of padding
+#    when experts hold few rows. The table says which block won for each token count.
+# 3. **Grouped program order** (`GROUP_M`): which tiles run at the same time decides what stays in
+#    the L2 cache. One row block's column tiles back to back reuse its gathered rows; many row
+#    blocks per column tile reuse the expert's weight tile.
+# 4. **No recompilation per size**: token counts and top-k are plain arguments
+#    (`do_not_specialize`), so a sweep over batch sizes compiles each kernel once.
+# 5. **The layout in one program** for small layers (`moe_align_triton`: a histogram, a running sum
+#    and a sort in one Triton program instead of about twenty torch launches), and one host
+#    synchronisation for the input check instead of two. At small sizes launches, not FLOPs, set
+#    the time.
+#
+# Notebook 07 shows, from a recorded GPU run, what each of these bought: the time of the best
+# configuration with and without each knob, and the layer's speed before and after, next to
+# `torch._grouped_mm` and a dense matmul of equal FLOPs.
+#
 # ## Summary
 # - **Layout first.** `moe_align` sorts the T·top_k assignments by expert and pads each expert to
 #   whole blocks: `counts`, padded `offsets`, `sorted_ids` (sentinel T·top_k for padding) and
@@ -818,6 +851,8 @@ else:
 #   over the expert's rows give dW1, dW3 and dW2, each written exactly once, with no atomics.
 # - **Checked at every step** against torch written from the formulas, against `experts_reference`
 #   (itself checked with `gradcheck`), and in a full layer and a full training step.
+# - **Speed comes from configuration and order, not from a different function**: tuned tables per
+#   device, larger row blocks, grouped program order, no recompilation per size, fewer launches.
 #
 # ## Papers and further reading
 # - Gale, Narayanan, Young, Zaharia. *MegaBlocks: efficient sparse training with mixture-of-experts* (2022): block-sparse, dropless MoE.
