@@ -48,6 +48,27 @@ def _cuda_usable(env: Optional[dict] = None) -> bool:
     return torch.cuda.is_available() and env.get("MOE_LAB_DEVICE", "").lower() != "cpu"
 
 
+def require_device(device) -> torch.device:
+    """The torch.device for a name such as "cpu", "cuda" or "cuda:1", or a ValueError that says plainly
+    why it cannot be used here (no CUDA in this torch build, no GPU visible, an index past the last GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N' (the course runs on CPUs and CUDA GPUs)")
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device={device!r}: {why} (torch {torch.__version__}); use device='cpu'")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
 def pick_dtype(device: torch.device, capability: Optional[tuple] = None) -> torch.dtype:
     """bf16 on GPUs that have it (compute capability >= 8.0: A100, H100, RTX 30xx+), fp16 on older
     GPUs (T4, V100), float32 on the CPU. `capability` can be passed to simulate a GPU."""

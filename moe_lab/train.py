@@ -6,10 +6,12 @@ One step:  1. sample a batch  2. forward (+ the routers' balance loss)  3. backw
            6. DeepSeek-V3 bias update of aux-loss-free routers  7. log loss, time and expert load
 
 Command line (the course's own training command, used to make the shipped checkpoint):
-    python -m moe_lab.train --preset cpu --out data/checkpoints/moe_cpu.pt
+    python -m moe_lab.train --preset cpu --out data/checkpoints/moe_cpu.safetensors
+Every argument is checked before any work starts: a bad one exits at once (status 2) naming it.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass, field
@@ -130,17 +132,21 @@ def train_course_model(preset_name: str, out: Optional[str] = None, progress: bo
     import datetime
     import sys
 
-    from moe_lab.checkpoint import save_checkpoint
+    from moe_lab.checkpoint import check_save_path, save_checkpoint
     from moe_lab.config import preset
     from moe_lab.data import batch_fn, course_mixture, course_task
     from moe_lab.evaluation import exact_match
     from moe_lab.model import Transformer
-    from moe_lab.runtime import seed_everything
+    from moe_lab.runtime import require_device, seed_everything
 
     from dataclasses import replace
 
     p = preset(preset_name)
-    p.train = replace(p.train, steps=steps or p.train.steps, seed=p.train.seed if seed is None else seed)
+    # None keeps the preset's value; anything else (0 too) goes to TrainConfig, which names a bad one
+    p.train = replace(p.train, steps=p.train.steps if steps is None else steps, seed=p.train.seed if seed is None else seed)
+    device = require_device(device)
+    if out:
+        check_save_path(out)  # before training, not after: a bad path must not cost a run
     seed_everything(p.train.seed)
     model = Transformer(p.moe).to(device)
     batches = batch_fn(course_mixture(), p.train.batch_size, p.train.seq_len, seed=p.train.seed, device=device)
@@ -155,16 +161,61 @@ def train_course_model(preset_name: str, out: Optional[str] = None, progress: bo
     return model, hist, extra
 
 
-if __name__ == "__main__":
-    import argparse
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected at least 1 (omit --steps for the preset's own count)")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer in [0, 2**32 - 1]")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, every argument checked before any work (argparse exits with status 2 naming it)."""
+    from moe_lab.checkpoint import check_save_path
+    from moe_lab.runtime import require_device
+
+    ap = argparse.ArgumentParser(prog="python -m moe_lab.train",
+                                 description="Train the course's MoE model (the checkpoint notebook 08 starts from).")
+    ap.add_argument("--preset", default="cpu", choices=["ci", "cpu", "gpu"])
+    ap.add_argument("--out", default=None, help="checkpoint path, e.g. data/checkpoints/moe_cpu.safetensors")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--steps", type=_positive_int, default=None, help="override the preset's number of steps (>= 1)")
+    ap.add_argument("--seed", type=_seed, default=None, help="override the preset's seed")
+    args = ap.parse_args(argv)
+    try:
+        require_device(args.device)
+    except ValueError as exc:
+        ap.error(f"argument --device: {exc}")
+    if args.out is not None:
+        try:
+            check_save_path(args.out)
+        except ValueError as exc:
+            ap.error(f"argument --out: {exc}")
+    return args
+
+
+def main(argv=None) -> int:
     import json
 
-    ap = argparse.ArgumentParser(description="Train the course's MoE model (the checkpoint notebook 08 starts from).")
-    ap.add_argument("--preset", default="cpu", choices=["ci", "cpu", "gpu"])
-    ap.add_argument("--out", default=None, help="checkpoint path, e.g. data/checkpoints/moe_cpu.pt")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
-    ap.add_argument("--seed", type=int, default=None, help="override the preset's seed")
-    args = ap.parse_args()
+    args = parse_args(argv)
     _, _, figures = train_course_model(args.preset, args.out, device=args.device, steps=args.steps, seed=args.seed)
     print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

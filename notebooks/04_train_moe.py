@@ -268,8 +268,9 @@ plt.show()
 # ## 7. Exact match on held-out problems, and the checkpoint for GRPO
 #
 # Greedy answers to 300 held-out **3-digit** additions (`course_task()`, the family GRPO will use),
-# whose operand pairs the model never saw. Notebook 08 starts from this model, so save it
-# (atomically, with its config beside it).
+# whose operand pairs the model never saw. Notebook 08 starts from this model, so save it: one
+# safetensors file holding the weights, with the config and these figures in its metadata, written
+# atomically (a crash never leaves half a file).
 
 # %%
 from pathlib import Path
@@ -281,7 +282,7 @@ problems = task.problems(6, "heldout", seed=7)
 for prob, completion in zip(problems, solve(moe, problems)):
     print(f"{prob.prompt}{completion.strip():<6} {'✓' if task.verify(completion, prob) else '✗'} (true answer {prob.answer})")
 print(f"held-out exact match of this run: {acc:.0%}")
-path = save_checkpoint(Path("runs") / f"moe_04_{rt.mode}.pt", moe,
+path = save_checkpoint(Path("runs") / f"moe_04_{rt.mode}.safetensors", moe,
                        extra={"val_loss": moe_h.final_val_loss, "heldout_exact_match": acc, "mode": rt.mode})
 reloaded, extra = load_checkpoint(path, expected=p.moe)
 assert exact_match(reloaded, task, n=100) == exact_match(moe, task, n=100)  # the checkpoint is the model
@@ -290,21 +291,22 @@ if rt.mode != "ci":
 
 # %% [markdown]
 # The course also ships a checkpoint made by its own training command
-# (`python -m moe_lab.train --preset cpu --out data/checkpoints/moe_cpu.pt`), so notebook 08 works
-# even if this notebook was never run. Check it is what it claims:
+# (`python -m moe_lab.train --preset cpu --out data/checkpoints/moe_cpu.safetensors`), so notebook 08
+# works even if this notebook was never run. `shipped_checkpoint()` finds it (an earlier `.pt` one
+# too). Check it is what it claims:
 
 # %%
-from moe_lab.data.corpus import data_dir
+from moe_lab.checkpoint import shipped_checkpoint
 
-shipped_path = data_dir() / "checkpoints" / "moe_cpu.pt"
-if shipped_path.exists():
+shipped_path = shipped_checkpoint("moe_cpu")
+if shipped_path is not None:
     shipped, figures = load_checkpoint(shipped_path, expected=preset("cpu").moe)
     shipped_acc = exact_match(shipped, task, n=300)
     print(f"shipped checkpoint: {figures['steps']} steps, recorded exact match {figures['heldout_exact_match']:.0%}, "
           f"measured now {shipped_acc:.0%}")
     assert shipped_acc >= 0.5
 else:  # e.g. on Colab, where the package is installed without the repository's data/ folder
-    print(f"no shipped checkpoint at {shipped_path}: notebook 08 will use this notebook's runs/ checkpoint")
+    print("no shipped checkpoint in data/checkpoints/: notebook 08 will train its own")
 
 # %% [markdown]
 # ## Summary

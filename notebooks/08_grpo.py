@@ -55,15 +55,14 @@ import matplotlib.pyplot as plt
 import torch
 
 from moe_lab import checks, grpo
-from moe_lab.checkpoint import load_checkpoint
+from moe_lab.checkpoint import load_checkpoint, shipped_checkpoint
 from moe_lab.config import preset
 from moe_lab.data import course_task
-from moe_lab.data.corpus import data_dir
 from moe_lab.evaluation import exact_match, sampled_accuracy, solve
 
 task = course_task()
-ckpt = data_dir() / "checkpoints" / "moe_cpu.pt"
-if ckpt.exists():
+ckpt = shipped_checkpoint("moe_cpu")  # data/checkpoints/moe_cpu.safetensors (or an earlier .pt), None if absent
+if ckpt is not None:
     start_model, figures = load_checkpoint(ckpt, expected=preset("cpu").moe, device=rt.device)
     print(f"loaded {ckpt.name}: {figures['steps']} steps of pre-training, recorded exact match {figures['heldout_exact_match']:.1%}")
 else:

@@ -592,16 +592,17 @@ assert int(rows_cap.sum(0).max()) <= W * (E // W) * cap  # capacity bounds every
 # **NCCL and torchrun.** On GPUs the same code runs with the NCCL back-end, one process per GPU,
 # started by `torchrun`. It sets `RANK`, `WORLD_SIZE` and the rendezvous address for each process.
 # The course's check takes both forms. Here it runs with gloo on this machine's CPUs, through
-# `torch.distributed.run` (the module behind the `torchrun` command):
+# `torch.distributed.run` (the module behind the `torchrun` command), in a temporary folder of its
+# own that `run_torchrun` removes afterwards (torchrun leaves a `torchelastic_*` log folder behind):
 #
 # ```
 # torchrun --nproc-per-node 8 -m moe_lab.distributed --backend nccl --dtype float32 --tokens 4096
 # ```
 
 # %%
-cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-       "-m", "moe_lab.distributed", "--tokens", str(T), "--capacity-factor", "1.0"]
-out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+from moe_lab.distributed.launch import run_torchrun
+
+out = run_torchrun(2, "--tokens", T, "--capacity-factor", "1.0", timeout=300)
 print(out.stdout)
 assert out.returncode == 0 and "match (tolerance" in out.stdout, out.stdout + out.stderr[-3000:]
 

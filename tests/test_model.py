@@ -200,28 +200,31 @@ def test_backend_switch_keeps_the_function():
 
 
 # --- checkpoints -------------------------------------------------------------------------------
-def test_checkpoint_round_trip_and_config_beside(tmp_path):
+def test_checkpoint_round_trip_with_config_in_its_metadata(tmp_path):
+    from safetensors import safe_open
+
     torch.manual_seed(0)
     model = Transformer(tiny_cfg())
-    path = save_checkpoint(tmp_path / "m.pt", model, extra={"val_loss": 1.5})
-    meta = json.loads((tmp_path / "m.json").read_text())
-    assert meta["config"]["moe"]["n_experts"] == 4 and meta["extra"]["val_loss"] == 1.5
+    path = save_checkpoint(tmp_path / "m.safetensors", model, extra={"val_loss": 1.5})
+    with safe_open(str(path), "pt") as f:  # any safetensors reader sees the config and the figures
+        meta = f.metadata()
+    assert json.loads(meta["config"])["moe"]["n_experts"] == 4 and json.loads(meta["extra"])["val_loss"] == 1.5
     loaded, extra = load_checkpoint(path, expected=tiny_cfg())
     x = torch.randint(0, 20, (2, 8))
     torch.testing.assert_close(loaded(x)[0], model(x)[0])
     assert extra == {"val_loss": 1.5}
-    assert not list(tmp_path.glob("*.tmp"))  # nothing half-written left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # one file, nothing half-written beside it
 
 
 def test_checkpoint_of_other_config_is_refused(tmp_path):
-    save_checkpoint(tmp_path / "m.pt", Transformer(tiny_cfg()))
+    save_checkpoint(tmp_path / "m.safetensors", Transformer(tiny_cfg()))
     with pytest.raises(ValueError, match=r"moe.n_experts: expected 8, checkpoint has 4"):
-        load_checkpoint(tmp_path / "m.pt", expected=tiny_cfg(moe=MoEConfig(n_experts=8, top_k=2, d_expert=16, n_shared=1)))
+        load_checkpoint(tmp_path / "m.safetensors", expected=tiny_cfg(moe=MoEConfig(n_experts=8, top_k=2, d_expert=16, n_shared=1)))
     with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "missing.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
-        load_checkpoint(tmp_path / "junk.pt")
+        load_checkpoint(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
 
 
 # --- training ----------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from torch import Tensor
 
 
 def check_expert_inputs(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> None:
-    """Raise a ValueError naming the argument when shapes or index ranges break the contract."""
+    """Raise a ValueError naming the argument when shapes or index ranges break the contract, and a
+    TypeError naming the weight whose dtype differs from x's."""
     if x.dim() != 2:
         raise ValueError(f"x must be (tokens, d_model); got shape {tuple(x.shape)}")
     T, d = x.shape
@@ -45,6 +46,9 @@ def check_expert_inputs(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tens
     E, _, f = w1.shape
     if w2.shape != (E, f, d):
         raise ValueError(f"w2 must be (n_experts={E}, d_expert={f}, d_model={d}); got {tuple(w2.shape)}")
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if w.dtype != x.dtype:  # the same message as the triton back-end gives
+            raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}: x and the expert weights must share a dtype")
     # The range check reads values: one device synchronisation (skipped while a CUDA graph is captured,
     # where no synchronisation is allowed; the values were checked on the eager warm-up runs).
     capturing = expert_idx.is_cuda and torch.cuda.is_current_stream_capturing()
