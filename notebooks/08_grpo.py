@@ -262,9 +262,10 @@ checks.check_clipped_surrogate(clipped_surrogate)  # the per-token core of moe_l
 
 # %%
 ratio = torch.linspace(0.3, 1.7, 200)
+curves = {adv: clipped_surrogate(ratio, torch.tensor(adv), 0.2) for adv in (1.0, -1.0)}  # before the figure: an unsolved exercise stops here, not on empty axes
 fig, ax = plt.subplots(figsize=(6, 3.4))
-for adv in (1.0, -1.0):
-    ax.plot(ratio, clipped_surrogate(ratio, torch.tensor(adv), 0.2), label=f"A = {adv:+.0f}")
+for adv, objective in curves.items():
+    ax.plot(ratio, objective, label=f"A = {adv:+.0f}")
 for edge in (0.8, 1.2):
     ax.axvline(edge, color="grey", ls=":", lw=1)
 ax.set(xlabel="ratio ρ = π_θ / π_old", ylabel="per-token objective", title="clipped surrogate, ε = 0.2")
