@@ -2,7 +2,8 @@
 
 Every config is a dataclass that validates itself on construction: a wrong value raises a
 ValueError naming the field, the value received and what was expected, instead of failing deep
-inside torch. Presets come in three sizes, chosen by `moe_lab.runtime` (see DESIGN.md "Modes"):
+inside torch. Presets come in three sizes, chosen by `moe_lab.runtime` (README, "CPU, GPU and the
+three modes"):
 
     ci   the smallest sizes that still exercise every code path (CI, MOE_LAB_FAST=1)
     cpu  learns something real in minutes on a 2-core laptop
