@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest tests/test_model.py -q
 """
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -137,6 +138,46 @@ def test_setup_prints_summary_and_seeds(capsys):
     assert torch.equal(a, torch.rand(3))
     if not torch.cuda.is_available():
         assert rt.dtype == torch.float32 and rt.triton_interpret
+
+
+def test_gpu_mode_without_a_gpu_is_said_out_loud(monkeypatch):
+    """MOE_LAB_MODE=gpu on a machine without a usable GPU: the GPU presets on the CPU, many times
+    slower. setup() warns, naming the mode and what to do."""
+    monkeypatch.setattr(runtime, "_cuda_usable", lambda env=None: False)
+    with pytest.warns(UserWarning, match="mode 'gpu'.*CPU.*Unset MOE_LAB_MODE"):
+        rt = runtime.setup(mode="gpu", verbose=False)
+    assert rt.mode == "gpu" and rt.device.type == "cpu"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning in a mode that fits the machine
+        runtime.setup(mode="cpu", verbose=False)
+
+
+class _FakeColabOutput:
+    def __init__(self):
+        self.enabled = 0
+
+    def enable_custom_widget_manager(self):
+        self.enabled += 1
+
+
+@pytest.mark.parametrize("version, enabled", [("8.1.5", 1), ("7.7.1", 0)])
+def test_colab_gets_the_widget_manager_ipywidgets_8_needs(monkeypatch, version, enabled):
+    """On Colab, ipywidgets 8 draws only through Colab's custom widget manager; 7 draws without it."""
+    import types
+
+    import ipywidgets
+
+    output = _FakeColabOutput()
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.output", output)
+    monkeypatch.setattr(ipywidgets, "__version__", version)
+    runtime.setup(mode="ci", verbose=False)
+    assert output.enabled == enabled
 
 
 # --- transformer -------------------------------------------------------------------------------
