@@ -42,11 +42,13 @@ rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versi
 # %% [markdown]
 # ## 1. The starting point: a model that is sometimes right
 #
-# The course ships the checkpoint that `python -m moe_lab.train --preset cpu` makes (the model of
-# notebook 04, trained on additions of 1- to 3-digit numbers and on Python source). If it is missing,
-# this cell trains it again (about 80 s on 2 cores). The task is `course_task()`: 3-digit additions
-# whose operand pairs never appeared in training, answers written least-significant digit first
-# (`123+456=` → `975`, see notebook 01).
+# The course ships the checkpoint that `python -m moe_lab.train --preset cpu` makes: notebook 04's
+# MoE (trained on additions of 1- to 3-digit numbers and on Python source), as it was at the snapshot
+# notebook 04 takes for GRPO, when it first answered 65 % of a check set of training problems right
+# (notebook 04, section 7). If the file is missing (on Colab the package comes without `data/`), this
+# cell runs that command itself (about 2 min on 2 cores). The task is `course_task()`: 3-digit
+# additions whose operand pairs never appeared in training, answers written least-significant digit
+# first (`123+456=` → `975`, see notebook 01).
 
 # %%
 import time
@@ -65,10 +67,11 @@ task = course_task()
 ckpt = data_dir() / "checkpoints" / "moe_cpu.pt"
 if ckpt.exists():
     start_model, figures = load_checkpoint(ckpt, expected=preset("cpu").moe, device=rt.device)
-    print(f"loaded {ckpt.name}: {figures['steps']} steps of pre-training, recorded exact match {figures['heldout_exact_match']:.1%}")
 else:
     from moe_lab.train import train_course_model
     start_model, _, figures = train_course_model("cpu", progress=True, device=str(rt.device))
+print(f"{ckpt.name if ckpt.exists() else 'trained here'}: snapshot at step {figures['snapshot_step']} of "
+      f"{figures['steps']}, recorded held-out exact match {figures['heldout_exact_match']:.1%}")
 print(task)
 
 # %% [markdown]

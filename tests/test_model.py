@@ -275,6 +275,46 @@ def test_lr_schedule():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
 
 
+def test_accuracy_snapshot_keeps_the_weights_of_the_first_check_at_the_target(monkeypatch):
+    """Checks every 25 steps, every 5 once a check reached 30 %; copies the weights at the first check
+    at or above the target and never checks again; the copy is independent of later training."""
+    import moe_lab.evaluation
+    from moe_lab.train import AccuracySnapshot
+
+    model = torch.nn.Linear(2, 2)
+    scripted = iter([0.0, 0.1, 0.35, 0.5, 0.7, 0.99])
+    seen = []
+
+    def fake_exact_match(m, task, n, seed, split):
+        seen.append((n, split))
+        return next(scripted)
+
+    monkeypatch.setattr(moe_lab.evaluation, "exact_match", fake_exact_match)
+    snap = AccuracySnapshot(model, task=None, target=0.65)
+    for step in range(200):
+        with torch.no_grad():
+            model.weight.fill_(step)  # "training"
+        snap(step, None)
+    assert [s for s, _ in snap.checks] == [25, 50, 75, 80, 85]  # every 25, then every 5 from 0.35 on
+    assert snap.step == 85 and seen == [(200, "train")] * 5
+    copy = snap.model_copy()
+    assert copy.weight[0, 0].item() == 84 and model.weight[0, 0].item() == 199
+    never = AccuracySnapshot(model, task=None, target=0.99)
+    monkeypatch.setattr(moe_lab.evaluation, "exact_match", lambda *a, **k: 0.1)
+    for step in range(100):
+        never(step, None)
+    with pytest.raises(RuntimeError, match="never reached 99%"):
+        never.model_copy()
+    with pytest.raises(ValueError, match="target=1.5"):
+        AccuracySnapshot(model, task=None, target=1.5)
+
+
+def test_int_lists_of_the_spread_command():
+    from moe_lab.train import _int_list
+
+    assert _int_list("0-4") == [0, 1, 2, 3, 4] and _int_list("1,2") == [1, 2] and _int_list("0-1,5") == [0, 1, 5]
+
+
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
 def test_training_learns_a_repeating_pattern(ffn):
     """A model must learn to continue 0 1 2 ... 9 0 1 2 ...: the loss falls far below chance."""
