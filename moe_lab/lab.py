@@ -23,7 +23,7 @@ What `python -m moe_lab.lab` (the command behind `make lab`) does, and why:
 Command line:
     python -m moe_lab.lab [jupyter lab flags]      # what `make lab LAB_ARGS=...` runs
     python -m moe_lab.lab --prepare-only           # make the working copies, start nothing
-    python -m moe_lab.lab --contention [--steps N] # the benchmark of point 2
+    python -m moe_lab.lab --contention [--steps N] [--repeats R]  # the benchmark of point 2
 """
 from __future__ import annotations
 
@@ -172,11 +172,12 @@ def _run_children(n: int, steps: int, policy: Optional[str]) -> list[float]:
     return out
 
 
-def contention_benchmark(steps: int = 20, policies=(None, "PASSIVE")) -> list[dict]:
+def contention_benchmark(steps: int = 20, policies=(None, "PASSIVE"), repeats: int = 1) -> list[dict]:
     """Median ms per training step of the cpu preset's MoE, one process alone and two at once, for
-    each OpenMP wait policy (None = the library's default)."""
+    each OpenMP wait policy (None = the library's default); the whole grid `repeats` times, so that
+    a disturbance shows as disagreement between repeats."""
     rows = []
-    for policy in policies:
+    for policy in [p for _ in range(repeats) for p in policies]:
         for n in (1, 2):
             t0 = time.perf_counter()
             ms = _run_children(n, steps, policy)
@@ -189,9 +190,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--contention" in argv:
         steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 20
+        repeats = int(argv[argv.index("--repeats") + 1]) if "--repeats" in argv else 1
         import torch
 
-        rows = contention_benchmark(steps)
+        rows = contention_benchmark(steps, repeats=repeats)
         print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads per process")
         for r in rows:
             print(f"OMP_WAIT_POLICY={r['OMP_WAIT_POLICY']:<9} {r['processes']} process(es) at once: "

@@ -160,3 +160,14 @@ def test_lab_command_serves_the_workspace():
     cmd = lab.lab_command(Path("/w"), ["--no-browser"])
     assert cmd[:3] == [sys.executable, "-m", "jupyterlab"] and "--ServerApp.root_dir=/w" in cmd
     assert cmd[-1] == "--no-browser"
+
+
+def test_contention_benchmark_gives_each_child_exactly_its_wait_policy(monkeypatch):
+    """The benchmark's 'before' must really run without a policy (the variable removed, not inherited
+    from make test's environment) and 'after' with PASSIVE; one child alone, then two at once."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as under make test: must not leak into 'before'
+    monkeypatch.setattr(lab, "_STEP_CHILD", "import os; print(len(os.environ.get('OMP_WAIT_POLICY', '')))")
+    rows = lab.contention_benchmark(steps=1, repeats=2)
+    assert [(r["OMP_WAIT_POLICY"], r["processes"]) for r in rows] == [("(unset)", 1), ("(unset)", 2), ("PASSIVE", 1),
+                                                                      ("PASSIVE", 2)] * 2
+    assert [r["ms_per_step"] for r in rows[:4]] == [[0.0], [0.0, 0.0], [7.0], [7.0, 7.0]]
