@@ -26,7 +26,7 @@
 # - which tokens each expert prefers
 # - the wall-clock price of dispatching tokens to experts: the motivation for the kernels of 05–07
 #
-# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~3 min · GPU: not yet measured.
+# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~5 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -213,8 +213,10 @@ ax.set_title("where each kind of character is routed")
 plt.colorbar(im, ax=ax, label="share of its assignments")
 plt.show()
 digit_top = share[0].max()
-print(f"the expert digits prefer takes {digit_top:.0%} of their assignments (uniform routing: {1 / E:.0%})")
-assert digit_top > 1.5 / E  # digits concentrate on some experts more than uniform routing would
+apart = 0.5 * np.abs(share[0] - share[1]).sum()  # total variation: 0 = the same experts, 1 = none in common
+print(f"the expert digits prefer takes {digit_top:.0%} of their assignments (uniform routing: {1 / E:.0%}); "
+      f"digits and letters are routed {apart:.0%} apart (total variation; 0 = the same experts)")
+assert apart > 0.3  # digits and letters go to different experts (0.52-0.70 in 3 other runs of this recipe, README)
 
 # %% [markdown]
 # ## 6. The price of dispatch: loop versus sorted
@@ -295,6 +297,7 @@ ax.plot([s for s, _ in checks_at], [a for _, a in checks_at], "o-", ms=3, label=
 ax.axhline(snapshot.target, color="grey", ls=":", lw=1, label=f"target {snapshot.target:.0%}")
 if snapshot.step is not None:
     ax.axvline(snapshot.step, color="C3", lw=1, label=f"snapshot for GRPO (step {snapshot.step})")
+ax.plot([p.train.steps], [acc], "s", color="C2", label=f"held-out, end of training ({acc:.0%})")
 ax.set(xlabel="optimiser step", ylabel="greedy exact match", title="3-digit additions: a steep rise")
 ax.legend(fontsize=8)
 plt.show()
@@ -314,8 +317,8 @@ if snapshot.step is not None:
                            extra={"snapshot_step": snapshot.step, "heldout_exact_match": start_acc, "mode": rt.mode})
     reloaded, extra = load_checkpoint(path, expected=p.moe)
     assert exact_match(reloaded, task, n=100) == exact_match(start, task, n=100)  # the checkpoint is the model
-    if rt.mode != "ci":  # room for GRPO, and a model that is often right (README: 10 runs, 5 seeds x 2 thread counts)
-        assert 0.5 <= start_acc < 0.8, f"snapshot's held-out exact match {start_acc:.0%}: expected 50-80 %"
+    if rt.mode != "ci":  # often right, and room for GRPO: 10 runs (5 seeds x 1 and 2 threads) gave 55-72 % (README)
+        assert 0.45 <= start_acc < 0.8, f"snapshot's held-out exact match {start_acc:.0%}: expected 45-80 %"
 else:  # the ci preset is too short to reach the target
     print(f"the check set never reached {snapshot.target:.0%} in {p.train.steps} steps (last checks: {checks_at[-3:]})")
 
@@ -337,7 +340,7 @@ if shipped_path.exists():
     shipped_acc = exact_match(shipped, task, n=300)
     print(f"shipped checkpoint: snapshot at step {figures['snapshot_step']} of {figures['steps']}, recorded held-out "
           f"exact match {figures['heldout_exact_match']:.0%}, measured now {shipped_acc:.0%}")
-    assert 0.5 <= shipped_acc < 0.8
+    assert 0.45 <= shipped_acc < 0.8
 else:  # e.g. on Colab, where the package is installed without the repository's data/ folder
     print(f"no shipped checkpoint at {shipped_path}: notebook 08 will run the course's training command itself")
 
@@ -346,7 +349,7 @@ else:  # e.g. on Colab, where the package is installed without the repository's 
 # - At equal active parameters the MoE reaches a lower validation loss per step than the dense model.
 # - Per second it pays for dispatch: at this size neither the loop nor the sorted back-end closes the gap; fused kernels are next.
 # - DeepSeek-V3's bias rule keeps expert load balanced without an auxiliary loss.
-# - Experts specialise: kinds of characters concentrate on particular experts.
+# - Experts specialise: digits and letters are routed to largely different experts.
 # - The trained model solves most held-out 3-digit additions; the snapshot taken when it first solved 65 % of a
 #   check set, at the same height of a steep rise on any machine, leaves room for GRPO (notebook 08) and is saved.
 #
