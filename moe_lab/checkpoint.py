@@ -1,4 +1,4 @@
-"""Checkpoints: one safetensors file holding the weights, the config and the figures (DESIGN.md "Contracts").
+"""Checkpoints: one safetensors file holding the weights, the config and the figures (README, "Checkpoints").
 
     save_checkpoint("runs/moe.safetensors", model, extra={"val_loss": 1.2})
     model, extra = load_checkpoint("runs/moe.safetensors")

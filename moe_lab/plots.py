@@ -26,13 +26,13 @@ def plot_loss_curves(histories: dict, x: str = "step", ax=None, title: Optional[
             xs = h.step if x == "step" else h.time
             k = max(1, len(h.train_loss) // 50)
             smooth = np.convolve(h.train_loss, np.ones(k) / k, mode="valid")
-            ax.plot(xs[k - 1:], smooth, color=color, alpha=0.3, lw=1)
+            ax.plot(xs[k - 1:], smooth, color=color, alpha=0.3, lw=1, label=f"{name}, training batches (smoothed)")
         ex = h.eval_step if x == "step" else h.eval_time
         ax.plot(ex, h.val_loss, color=color, marker="o", ms=3, label=f"{name} (val {h.final_val_loss:.3f})")
     ax.set_xlabel("optimiser step" if x == "step" else "training time (s)")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title or f"loss per {'step' if x == 'step' else 'second'}")
-    ax.legend()
+    ax.legend(fontsize=8)
     return ax
 
 
@@ -65,8 +65,24 @@ def plot_load_over_time(history, layer: int = 0, ax=None, title: Optional[str] =
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("expert")
     ax.set_title(title or f"layer {layer}: share of assignments per expert")
-    plt.colorbar(im, ax=ax, label="fraction")
+    plt.colorbar(im, ax=ax, label="share of assignments")
     return ax
+
+
+def plot_balance_comparison(histories: dict, layer: int = 0):
+    """Notebook 04: one layer's load over time for each run (one panel each, with its colour bar),
+    then the imbalance of every run in a last panel. Constrained layout gives each colour bar's
+    label its own room, clear of the next panel's axis label. Returns the figure."""
+    fig, axes = plt.subplots(1, len(histories) + 1, figsize=(5 * (len(histories) + 1), 3.5), layout="constrained")
+    for ax, (name, h) in zip(axes, histories.items()):
+        plot_load_over_time(h, layer=layer, ax=ax, title=f"layer {layer}, {name}")
+    for name, h in histories.items():
+        axes[-1].plot(imbalance_curve(h), label=name, alpha=0.8)
+    axes[-1].set_xlabel("optimiser step")
+    axes[-1].set_ylabel("max load / mean load")
+    axes[-1].set_title("imbalance (1 = perfect)")
+    axes[-1].legend(fontsize=8)
+    return fig
 
 
 def imbalance_curve(history, layer: Optional[int] = None) -> np.ndarray:

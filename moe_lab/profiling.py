@@ -273,7 +273,7 @@ def driver_version(device=None) -> str:
 
 
 def environment_record(device, command: Optional[str] = None) -> dict:
-    """What a recorded figure must carry (DESIGN.md): device, driver, versions, date and command."""
+    """What a recorded figure must carry (README, "Benchmarks"): device, driver, versions, date and command."""
     from moe_lab.runtime import triton_version
 
     return {

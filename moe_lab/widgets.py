@@ -16,6 +16,11 @@ import torch
 from moe_lab.config import MoEConfig
 from moe_lab.model.router import Router, expert_capacity
 
+# A label wider than ipywidgets' default description width (about 10 characters) is cut with "…";
+# "initial" sizes it to its text. The same in ipywidgets 7 and 8: the explorers use only what both
+# versions share (interactive, sliders, dropdowns), so they run on Colab's ipywidgets 7 as on 8.
+WIDE = {"description_width": "initial"}
+
 
 def explore_routing(n_tokens: int = 256, n_experts: int = 8, top_k: int = 2, router: str = "softmax",
                     skew: float = 0.0, bias_steps: int = 0, bias_rate: float = 0.01,
@@ -84,7 +89,8 @@ def router_explorer():
         router=W.Dropdown(options=["softmax", "sigmoid"], value="softmax", description="router"),
         skew=W.FloatSlider(value=1.0, min=0.0, max=4.0, step=0.25, description="skew"),
         bias_steps=W.IntSlider(value=0, min=0, max=300, step=25, description="bias steps"),
-        capacity_factor=W.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.25, description="capacity (0=off)"),
+        capacity_factor=W.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.25, description="capacity (0=off)",
+                                      style=WIDE),  # WIDE: the whole label, not "capacity (…"
     )
 
 

@@ -95,3 +95,49 @@ def test_backend_times_plot_labels_every_bar():
     assert ax.get_ylabel() and "teaching" in ax.get_title()
     with pytest.raises(ValueError, match="no successful"):
         plots.plot_backend_times(rows[-1:])
+
+
+def test_loss_curves_legend_names_every_line():
+    """The faint smoothed training losses are in the legend too, not only the validation curves."""
+    ax = plots.plot_loss_curves({"dense": make_history(), "moe": make_history()}, x="step")
+    lines = [line.get_label() for line in ax.get_lines()]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(lines) == 4 and all(not label.startswith("_") for label in lines), lines
+    assert legend == lines
+    plt.close("all")
+
+
+def _label_boxes(fig):
+    """Window extents of every axis label (x and y) of every axes of fig, colour bars included."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for ax in fig.axes:
+        for label in (ax.xaxis.label, ax.yaxis.label):
+            if label.get_text():
+                boxes.append((label.get_text(), label.get_window_extent(renderer)))
+    return boxes
+
+
+def test_balance_comparison_keeps_colour_bar_labels_clear_of_the_next_panel():
+    """Notebook 04's load figure: each colour bar's label must not sit on the next panel's axis label."""
+    h = make_history(steps=60)
+    fig = plots.plot_balance_comparison({"no balancing": h, "aux-loss-free bias": h}, layer=0)
+    boxes = _label_boxes(fig)
+    assert sum(text == "share of assignments" for text, _ in boxes) == 2  # two colour bars, labelled
+    for i, (text_a, a) in enumerate(boxes):
+        for text_b, b in boxes[i + 1:]:
+            assert not a.overlaps(b), f"{text_a!r} overlaps {text_b!r}"
+    plt.close("all")
+
+
+@pytest.mark.parametrize("make", [router_explorer], ids=["router_explorer"])
+def test_explorer_labels_are_not_cut(make):
+    """ipywidgets cuts a description longer than its default label width ("capacity (…"): a long one
+    must ask for the room it needs (style description_width="initial")."""
+    w = make()
+    controls = [c for c in w.children if getattr(c, "description", "")]
+    assert controls
+    for c in controls:
+        assert len(c.description) <= 10 or c.style.description_width == "initial", c.description
+    plt.close("all")

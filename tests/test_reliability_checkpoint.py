@@ -166,12 +166,18 @@ def test_a_missing_checkpoint_or_a_folder_is_named(tmp_path):
 
 
 # --- the earlier .pt format still loads ------------------------------------------------------------------
-def test_the_shipped_pt_checkpoint_still_loads_unchanged():
-    if not (ROOT / "data/checkpoints/moe_cpu.pt").exists():
-        pytest.skip("the shipped checkpoint has been re-made as moe_cpu.safetensors")
-    model, extra = load_checkpoint(ROOT / "data/checkpoints/moe_cpu.pt", expected=preset("cpu").moe)
-    sidecar = json.loads((ROOT / "data/checkpoints/moe_cpu.json").read_text())
-    assert extra == sidecar["extra"] and model.cfg.to_dict() == sidecar["config"]
+def test_the_shipped_checkpoint_loads_and_its_old_pt_form_gives_the_same_model(tmp_path):
+    """The shipped checkpoint is safetensors; written back in the earlier .pt format, with the expert
+    weights under their old names (before the experts had a module of their own: ...ffn.w1), it loads
+    as the same model."""
+    model, extra = load_checkpoint(ROOT / "data/checkpoints/moe_cpu.safetensors", expected=preset("cpu").moe)
+    assert 0.45 <= extra["heldout_exact_match"] < 0.8 and extra["snapshot_step"] < extra["steps"]
+    old_keys = {k.replace("ffn.experts.", "ffn."): v for k, v in model.state_dict().items()}
+    assert any(k.endswith("ffn.w1") for k in old_keys)
+    torch.save({"format": "moe-lab-checkpoint-v1", "config": json.dumps(model.cfg.to_dict()),
+                "extra": json.dumps(extra), "model": old_keys}, tmp_path / "moe_cpu.pt")
+    again, extra_again = load_checkpoint(tmp_path / "moe_cpu.pt", expected=preset("cpu").moe)
+    assert extra_again == extra and same_function(again, model)
 
 
 def test_a_pt_checkpoint_in_the_earlier_format_loads(tmp_path, model):
