@@ -41,6 +41,7 @@ from torch import Tensor
 from moe_lab.config import boolean, choice, integer, number, validated
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.train import optimizer_step
 
 Aggregation = Literal["sequence", "token", "constant"]
 AGGREGATIONS = ("sequence", "token", "constant")
@@ -492,16 +493,9 @@ class GRPOTrainer:
             clip_fractions.append(stats.clip_fraction)
             if cfg.balance_coef > 0 and self.has_moe:
                 loss = loss + cfg.balance_coef * model.balance_loss()
-            for group in self.opt.param_groups:
-                group["lr"] = self._lr()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            self.opt.step()
+            optimizer_step(model, self.opt, loss, self._lr(), cfg.grad_clip,
+                           update_router_biases=self.has_moe and cfg.update_router_biases)  # the course's one update
             self.updates += 1
-            if self.has_moe and cfg.update_router_biases:
-                model.update_router_biases()
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"GRPO loss became {stats.loss}: lower the learning rate")
         correct = torch.tensor([self.task.verify(t, p) for t, p in zip(ro.texts, ro.problems)], dtype=torch.float32)

@@ -247,3 +247,54 @@ def plot_backend_times(rows, ax=None, title: Optional[str] = None):
                           f"{r0['dtype']}", fontsize=9)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_moe_layout(expert_idx, align, n_experts: int):
+    """The block-aligned layout of notebook 06 in three panels: (a) which expert each token chose, in
+    which slot j (dropped in grey); (b) the sorted, padded rows (sorted_ids), a line at each block
+    boundary; (c) the expert each block of rows runs (block_expert). CPU tensors. Returns the figure."""
+    T, k = expert_idx.shape
+    A = align.n_assignments
+    colors = plt.cm.tab10.colors
+    fig, axes = plt.subplots(1, 3, figsize=(12, 6.5), gridspec_kw=dict(width_ratios=[n_experts + 1, 2.2, 1.3]))
+    ax = axes[0]  # (a) tokens x experts
+    for t in range(T):
+        for j in range(k):
+            e = int(expert_idx[t, j])
+            col = n_experts if e < 0 else e
+            ax.add_patch(plt.Rectangle((col, t), 1, 1, color="0.85" if e < 0 else colors[e], alpha=1.0 if j == 0 else 0.5))
+            ax.text(col + 0.5, t + 0.5, f"a={t * k + j}\nj={j}", ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, n_experts + 1)
+    ax.set_ylim(T, 0)
+    ax.set_xticks([i + 0.5 for i in range(n_experts + 1)], [f"e{i}" for i in range(n_experts)] + ["dropped"])
+    ax.set_yticks([t + 0.5 for t in range(T)], range(T))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("token t")
+    ax.set_title("(a) routing: tokens × experts")
+    ax = axes[1]  # (b) sorted, block-padded rows
+    ids = align.sorted_ids.tolist()
+    blocks = align.block_expert.tolist()
+    for r, a in enumerate(ids):
+        e = blocks[r // align.block_m]
+        real = a < A
+        ax.add_patch(plt.Rectangle((0, r), 1, 1, color=colors[e] if real else "0.92", ec="white", lw=0.5))
+        label = f"a={a} (t={a // k})" if real else (f"pad: {a}" if e >= 0 else f"unused: {a}")
+        ax.text(0.5, r + 0.5, label, ha="center", va="center", fontsize=7)
+    for b in range(len(blocks) + 1):
+        ax.axhline(b * align.block_m, color="k", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(ids), 0)
+    ax.set_xticks([])
+    ax.set_ylabel("sorted row r")
+    ax.set_title(f"(b) sorted_ids\n(block_m={align.block_m}, sentinel {A})")
+    ax = axes[2]  # (c) expert of each block
+    for b, e in enumerate(blocks):
+        ax.add_patch(plt.Rectangle((0, b * align.block_m), 1, align.block_m, color=colors[e] if e >= 0 else "0.92", ec="k"))
+        ax.text(0.5, (b + 0.5) * align.block_m, f"block {b}\nexpert {e}", ha="center", va="center", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(ids), 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("(c) block_expert")
+    fig.tight_layout()
+    return fig

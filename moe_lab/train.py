@@ -88,6 +88,34 @@ def evaluate(model: torch.nn.Module, batches: BatchFn, n_batches: int, split: st
     return total / n_batches
 
 
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
+                   grad_clip: float = 0.0, update_router_biases: bool = True) -> None:
+    """Steps 3 to 6 of every update of the course (pre-training here, GRPO, notebook 06): set the
+    learning rate, backward, clip the gradient norm (grad_clip > 0), take the optimiser step, then
+    DeepSeek-V3's bias rule of aux-loss-free routers (a no-op for other balancing, and for a model
+    without MoE layers). The gradients stay in .grad until the next step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    if update_router_biases and hasattr(model, "update_router_biases"):
+        model.update_router_biases()
+
+
+def train_step(model: torch.nn.Module, batch, opt: torch.optim.Optimizer, lr: float, grad_clip: float = 0.0):
+    """One language-model update on a batch (x, y, mask): forward, the routers' balance loss, then
+    optimizer_step. Returns (loss, aux) as tensors (detached)."""
+    x, y, mask = batch[:3]
+    _, loss = model(x, y, mask)
+    has_moe = hasattr(model, "moe_layers") and bool(model.moe_layers())
+    aux = model.balance_loss() if has_moe else torch.zeros((), device=loss.device)
+    optimizer_step(model, opt, loss + aux, lr, grad_clip, update_router_biases=has_moe)
+    return loss.detach(), aux.detach()
+
+
 def train(model: torch.nn.Module, batches: BatchFn, cfg: TrainConfig, progress: bool = True,
           desc: str = "train", on_step: Optional[Callable[[int, "History"], None]] = None) -> History:
     """Train model for cfg.steps steps on batches("train"), evaluating on batches("val")."""
@@ -102,18 +130,8 @@ def train(model: torch.nn.Module, batches: BatchFn, cfg: TrainConfig, progress: 
     for step in bar:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y, mask = batches("train")[:3]  # 1. a batch
-        _, loss = model(x, y, mask)  # 2. forward
-        aux = model.balance_loss() if has_moe else torch.zeros((), device=loss.device)
-        opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()  # 3. backward
-        if cfg.grad_clip > 0:  # 4. clip
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()  # 5. update
-        if has_moe:
-            model.update_router_biases()  # 6. aux-loss-free bias (no-op for other balancing)
+        # 1. a batch, 2. forward + balance loss, 3-6. backward, clip, update, bias rule
+        loss, aux = train_step(model, batches("train"), opt, lr, cfg.grad_clip)
         loss_value = loss.item()  # syncs with the device, so the step time is real
         elapsed += time.perf_counter() - t0
         hist.step.append(step)  # 7. log

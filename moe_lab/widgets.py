@@ -179,3 +179,23 @@ def advantage_explorer(group_size: int = 8, n_groups: int = 4):
     sliders = {f"group {i}": W.IntSlider(value=v, min=0, max=group_size, description=f"group {i}")
                for i, v in zip(range(n_groups), [1, group_size // 2, group_size - 1, group_size] + [0] * n_groups)}
     return W.interactive(show, **sliders)
+
+
+def source_of(obj) -> str:
+    """The Python source of a function, a class, or a Triton kernel (jit or autotuned: unwrapped)."""
+    import inspect
+
+    fn = obj
+    while not inspect.isfunction(fn) and not inspect.isclass(fn):  # Autotuner -> JITFunction -> function
+        if not hasattr(fn, "fn"):
+            raise TypeError(f"source_of: {obj!r} is not a function, a class or a Triton kernel")
+        fn = fn.fn
+    return inspect.getsource(fn)
+
+
+def show_source(obj) -> None:
+    """Display obj's source as a highlighted code block in the notebook (notebooks 06 and 07 read the
+    package's kernels this way)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"```python\n{source_of(obj)}```"))

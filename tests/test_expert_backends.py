@@ -100,3 +100,15 @@ def test_layer_agreement_compares_every_parameter_and_restores_the_backend():
     with mock.patch.object(B, "experts_fn", B_fn):
         (bad,) = B.layer_agreement(layer, x, ["sorted"])
     assert bad["output"] > 1e-6 and bad["gradient"] > 0.05  # the routed part is small next to the shared expert at init
+
+
+def test_random_problem_is_seeded_and_can_leave_an_expert_empty():
+    a = B.random_problem(30, 6, 8, 5, 2, seed=1, drop=0.3, empty_expert=True)
+    b = B.random_problem(30, 6, 8, 5, 2, seed=1, drop=0.3, empty_expert=True)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    x, idx, w, w1, w3, w2, probe = a
+    assert x.shape == probe.shape == (30, 6) and w1.shape == (5, 6, 8) and w2.shape == (5, 8, 6)
+    assert (idx != 4).all() and (idx == -1).any() and (w[idx < 0] == 0).all()
+    assert all((row[row >= 0].unique().numel() == (row >= 0).sum()) for row in idx)  # distinct experts
+    with pytest.raises(ValueError, match="k=5 experts per token from 4"):
+        B.random_problem(3, 2, 2, 5, 5, seed=0, empty_expert=True)

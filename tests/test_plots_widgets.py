@@ -141,3 +141,23 @@ def test_explorer_labels_are_not_cut(make):
     for c in controls:
         assert len(c.description) <= 10 or c.style.description_width == "initial", c.description
     plt.close("all")
+
+
+def test_the_layout_picture_has_its_three_panels():
+    from moe_lab.kernels.moe_routing import moe_align
+
+    idx = torch.tensor([[2, 0], [0, 1], [2, -1]])
+    fig = plots.plot_moe_layout(idx, moe_align(idx, 3, 4), 3)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 3 and titles[0].startswith("(a)") and "block_m=4" in titles[1] and titles[2] == "(c) block_expert"
+    plt.close("all")
+
+
+def test_source_of_unwraps_a_triton_kernel():
+    from moe_lab.kernels import moe_gemm
+    from moe_lab.widgets import source_of
+
+    assert source_of(moe_gemm.moe_up_kernel).lstrip().startswith("@triton.jit") or "def moe_up_kernel" in source_of(moe_gemm.moe_up_kernel)
+    assert "def moe_up_kernel" in source_of(moe_gemm.moe_up_kernel)
+    with pytest.raises(TypeError, match="not a function"):
+        source_of(42)

@@ -31,6 +31,7 @@ compiles each kernel once per configuration.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Optional
 
@@ -52,6 +53,18 @@ table (MOE_LAB_TRITON_AUTOTUNE=1; notebook 07 shows what it does)."""
 POISON_OUTPUTS: bool = False
 """Debugging switch used by the tests: fill every buffer a kernel writes with NaN before the launch,
 so an element the kernel forgot to write shows up as NaN instead of as stale memory."""
+
+
+@contextmanager
+def poisoned_outputs():
+    """Within the block, every buffer a kernel writes starts as NaN (POISON_OUTPUTS), so an element a
+    kernel forgot to write reads NaN instead of stale memory."""
+    global POISON_OUTPUTS
+    before, POISON_OUTPUTS = POISON_OUTPUTS, True
+    try:
+        yield
+    finally:
+        POISON_OUTPUTS = before
 
 
 def new_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -227,3 +227,26 @@ def layer_agreement(layer, x: Tensor, backends: Sequence[str], reference: str = 
         layer.zero_grad()
         layer.backend = before
     return rows
+
+
+def random_problem(T: int, d: int, f: int, E: int, k: int, seed: int, drop: float = 0.0,
+                   idx: Optional[Tensor] = None, empty_expert: bool = False, device="cpu") -> list[Tensor]:
+    """A random problem of the experts' contract, to check back-ends on: [x (T, d), expert_idx (T, k),
+    weights (T, k), w1, w3 (E, d, f), w2 (E, f, d), probe (T, d)] (probe: a dense random dy, the
+    loss being sum(y * probe)). Each token picks k distinct experts (of the first E - 1 with
+    empty_expert, so the last one gets nothing); a share `drop` of the assignments is dropped (-1);
+    or pass `idx`. Weights of dropped assignments are 0. Seeded: the same problem on every call."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=gen)
+    if idx is None:
+        pool = E - 1 if empty_expert else E
+        if k > pool:
+            raise ValueError(f"k={k} experts per token from {pool} experts: expected k <= {pool}")
+        idx = torch.stack([torch.randperm(pool, generator=gen)[:k] for _ in range(T)]) if T else \
+            torch.zeros(0, k, dtype=torch.long)
+        idx = idx.masked_fill(torch.rand(idx.shape, generator=gen) < drop, -1)
+    weights = torch.rand(T, idx.shape[1], generator=gen).masked_fill(idx < 0, 0.0)
+    w1, w3 = (torch.randn(E, d, f, generator=gen) * d**-0.5 for _ in range(2))
+    w2 = torch.randn(E, f, d, generator=gen) * f**-0.5
+    probe = torch.randn(T, d, generator=gen)
+    return [t.to(device) for t in (x, idx, weights, w1, w3, w2, probe)]
