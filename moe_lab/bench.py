@@ -243,11 +243,13 @@ def plan_cases(shapes, tokens_of, backends, passes) -> list[tuple]:
 
 def run(shapes, tokens, backends, passes, device, dtype: torch.dtype, ceilings: Optional[P.Ceilings],
         warmup: int = 1, repeats: int = 5, budget_s: Optional[float] = None, progress: bool = True,
-        notes: Optional[dict] = None, slow_max_tokens: Optional[int] = None, graph_max_tokens: int = 0) -> list[dict]:
+        notes: Optional[dict] = None, slow_max_tokens: Optional[int] = None, graph_max_tokens: int = 0,
+        on_row=None) -> list[dict]:
     """Every (shape, tokens, back-end, pass) in plan_cases' order; `tokens` is a list, or a dict
     {shape: token counts}. Back-ends that cannot run here get a 'skipped' row with the reason, and so
     do `reference` and `sorted` above slow_max_tokens. Stops starting new cases after budget_s seconds
-    ('skipped' rows say so). Forward cases up to graph_max_tokens also get a CUDA-graph time."""
+    ('skipped' rows say so). Forward cases up to graph_max_tokens also get a CUDA-graph time.
+    on_row(results so far) is called after every measured case (the command writes a partial record)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -283,6 +285,8 @@ def run(shapes, tokens, backends, passes, device, dtype: torch.dtype, ceilings: 
                 expected = experts_sorted(inp["x"], inp["expert_idx"], inp["weights"], inp["w1"], inp["w3"], inp["w2"])
         results.append(measure_case(s, t, b, p, device, dtype, ceilings, inp, expected, warmup, repeats,
                                     note=notes.get(b, ""), graph=b in B.names(capturable=True) and t <= graph_max_tokens))
+        if on_row is not None:
+            on_row(results)
     return results
 
 
@@ -356,6 +360,14 @@ def _csv(text: str, allowed, what: str, conv=str) -> list:
         expected = f"from {tuple(allowed)}" if allowed is not None else "of values"
         raise SystemExit(f"--{what} {text!r}: expected a comma-separated list {expected}")
     return items
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a record as JSON, atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def git_commit() -> Optional[str]:
@@ -456,10 +468,16 @@ def main(argv: Optional[list] = None) -> int:
     ceilings = P.measure_ceilings(device, dtype)
     print(f"measured ceilings: matmul {ceilings.peak_flops / 1e12:.3f} TFLOP/s ({ceilings.matmul_n}^3), copy "
           f"{ceilings.bandwidth / 1e9:.1f} GB/s ({ceilings.copy_bytes >> 20} MiB), ridge {ceilings.ridge:.1f} FLOP/byte")
+    command = " ".join(["python -m moe_lab.bench", *(sys.argv[1:] if argv is None else argv)])
+
+    def write_partial(rows):  # a run stopped from outside (a lent machine's limit) keeps what it measured
+        partial = build_record(rows, ceilings, device, dtype, "quick" if args.quick else "full", command,
+                               notes + ["partial: written after every case; the run had not finished"])
+        write_record(out, partial)
+
     results = run(shapes, tokens, backends, passes, device, dtype, ceilings, warmup=1 if on_cpu else 25,
                   repeats=args.repeats, budget_s=args.budget_s, progress=not args.no_progress, notes=row_notes,
-                  slow_max_tokens=slow_max, graph_max_tokens=0 if on_cpu else 2048)
-    command = " ".join(["python -m moe_lab.bench", *(sys.argv[1:] if argv is None else argv)])
+                  slow_max_tokens=slow_max, graph_max_tokens=0 if on_cpu else 2048, on_row=write_partial)
     record = build_record(results, ceilings, device, dtype, "quick" if args.quick else "full", command, notes)
     record["cpu_threads"] = torch.get_num_threads()
     record["commit"] = git_commit()
@@ -475,10 +493,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"target {t['target']} at {t['tokens']} tokens: {t['value']:.3g} -> {'met' if t['met'] else 'NOT met'}")
     paths = [out] + ([Path("data/bench") / f"{slug}.json"] if args.record else [])
     for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)  # atomic: a reader never sees half a file
+        write_record(path, record)
         print(f"wrote {path}")
     return 0 if any(r["status"] == "ok" for r in results) else 1
 

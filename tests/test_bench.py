@@ -281,3 +281,24 @@ def test_gpu_suite_archive_holds_the_folder_and_the_written_records(tmp_path):
     assert "out/summary.json" in names
     assert any(n.startswith("repo/data/bench/") for n in names), "the recorded bench files travel too"
     assert not dest.with_name("suite.tar.gz.tmp").exists()
+
+
+def test_the_bench_writes_a_partial_record_after_every_case(tmp_path, monkeypatch):
+    """A run stopped from outside keeps what it measured: the file exists, valid, after the first case."""
+    out = tmp_path / "b.json"
+    seen = []
+    real_measure = bench.measure_case
+
+    def measure_then_look(*args, **kwargs):
+        row = real_measure(*args, **kwargs)
+        if out.exists():
+            seen.append(len(json.loads(out.read_text())["results"]))
+        return row
+
+    monkeypatch.setattr(bench, "measure_case", measure_then_look)
+    assert bench.main(["--quick", "--shapes", "tiny", "--tokens", "16", "--backends", "sorted,dense",
+                       "--passes", "forward", "--out", str(out), "--no-progress"]) == 0
+    assert seen == [1], "after the first case, the file held it"
+    rec = json.loads(out.read_text())
+    P.validate_record(rec)
+    assert not any("partial" in n for n in rec["notes"]) and len(rec["results"]) == 2
