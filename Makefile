@@ -1,5 +1,6 @@
 # moe-lab: the two commands of the README.
-#   make lab   - create .venv if needed, install the course, open JupyterLab on notebooks/
+#   make lab   - create .venv if needed, install the course, open JupyterLab on your working copies
+#                of the notebooks (notebooks/workspace/, never the tracked files: see moe_lab/lab.py)
 #   make test  - the same set-up, then the unit tests and every notebook (nbval)
 #   make exercises - regenerate the learner notebooks notebooks/exercises/*.ipynb from the solutions
 #
@@ -23,13 +24,11 @@ MOE_LAB_FAST ?= 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moe-lab-installed
 UNAME := $(shell uname -s)
-# JupyterLab refuses to run as root (containers, some cloud VMs) unless told it may
-ALLOW_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 
 .PHONY: lab test setup notebooks exercises clean help
 
 help:
-	@sed -n '2,14p' Makefile
+	@sed -n '2,15p' Makefile
 
 setup: $(STAMP)
 
@@ -46,11 +45,12 @@ endif
 	@touch $(STAMP)
 	@$(BIN)/python -c "import moe_lab, torch; print('moe-lab', moe_lab.__version__, '| torch', torch.__version__)"
 
+# Kernels get OMP_WAIT_POLICY=PASSIVE (two notebooks computing at once do not stall each other).
 lab: setup
-	cd notebooks && ../$(BIN)/jupyter lab $(ALLOW_ROOT) $(LAB_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m moe_lab.lab $(LAB_ARGS)
 
 test: setup
-	MPLBACKEND=Agg MOE_LAB_FAST=$(MOE_LAB_FAST) $(BIN)/python -m pytest -v -p no:cacheprovider \
+	MPLBACKEND=Agg MOE_LAB_FAST=$(MOE_LAB_FAST) OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m pytest -v -p no:cacheprovider \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
 		tests notebooks --ignore=notebooks/exercises $(PYTEST_ARGS)
 

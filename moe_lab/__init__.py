@@ -2,5 +2,18 @@
 
 The package holds the canonical version of everything the notebooks build, so later notebooks
 import it instead of re-pasting code. Start with `moe_lab.runtime.setup()`.
+
+Importing it sets OMP_WAIT_POLICY=PASSIVE (unless set already) while torch is not yet imported:
+torch's OpenMP threads then sleep instead of spinning while they wait, so two notebooks computing
+at once on a small machine do not stall each other (see moe_lab/lab.py). The policy is read once,
+when torch loads: `runtime.setup()` says so when torch came first.
 """
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+# Whether OpenMP's wait policy could still be chosen here: torch not loaded yet (it reads it on load).
+OMP_POLICY_SET_BEFORE_TORCH = "torch" not in _sys.modules or "OMP_WAIT_POLICY" in _os.environ
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

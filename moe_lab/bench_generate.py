@@ -56,14 +56,12 @@ def _timed(fn, device) -> float:
 
 def course_model(device="cpu"):
     """(model, where it came from): the shipped checkpoint, or the cpu preset's model with fresh weights."""
+    from moe_lab.checkpoint import load_checkpoint, shipped_checkpoint
     from moe_lab.config import preset
-    from moe_lab.data.corpus import data_dir
     from moe_lab.model import Transformer
 
-    path = data_dir() / "checkpoints" / "moe_cpu.pt"
-    if path.exists():
-        from moe_lab.checkpoint import load_checkpoint
-
+    path = shipped_checkpoint("moe_cpu")
+    if path is not None:
         model, _ = load_checkpoint(path, device=device)
         return model.eval(), f"shipped checkpoint {path.name}"
     torch.manual_seed(0)

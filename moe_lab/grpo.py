@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_lab.config import boolean, choice, integer, number, validated
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.train import optimizer_step
 
 Aggregation = Literal["sequence", "token", "constant"]
 AGGREGATIONS = ("sequence", "token", "constant")
@@ -49,14 +51,22 @@ ADVANTAGES = ("group", "group_mean", "batch_mean")
 # --------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------
+@validated(
+    steps=integer(1), prompts_per_step=integer(1), group_size=integer(2, why="a group of one has no baseline"),
+    temperature=number(0, lo_open=True, why="rollouts are sampled, never greedy"),
+    lr=number(0, lo_open=True), warmup_steps=integer(0), clip_eps=number(0, 1, lo_open=True, hi_open=True),
+    beta=number(0), inner_updates=integer(1), aggregation=choice(*AGGREGATIONS), advantage=choice(*ADVANTAGES),
+    format_weight=number(0), balance_coef=number(0), update_router_biases=boolean(), grad_clip=number(0),
+    eval_every=integer(1), eval_problems=integer(1), seed=integer(0, 2**32 - 1),
+)
 @dataclass
 class GRPOConfig:
     """Every knob of a GRPO run. Defaults are the CPU preset calibrated for notebook 08."""
 
     steps: int = 500  # rollout batches (each followed by `inner_updates` optimiser steps)
     prompts_per_step: int = 32  # distinct problems per batch
-    group_size: int = 8  # G: completions sampled per problem
-    temperature: float = 0.7  # sampling temperature of the rollouts (1.0 = the policy itself; see grpo_preset)
+    group_size: int = 8  # G: completions sampled per problem (>= 2: a group of one has no baseline)
+    temperature: float = 0.7  # sampling temperature of the rollouts, > 0 (1.0 = the policy itself; see grpo_preset)
     lr: float = 1e-4  # AdamW learning rate (constant after a short warm-up)
     warmup_steps: int = 10  # linear warm-up of the learning rate, in optimiser steps
     clip_eps: float = 0.2  # ε of the clipped surrogate
@@ -72,32 +82,6 @@ class GRPOConfig:
     eval_problems: int = 500  # held-out problems per evaluation (greedy decoding)
     seed: int = 0  # seeds problem order and sampling
 
-    def __post_init__(self) -> None:
-        def fail(name, expected):
-            raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: expected {expected}")
-
-        for name in ("steps", "prompts_per_step", "inner_updates", "eval_every", "eval_problems"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                fail(name, "a positive integer")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
-            fail("group_size", "an integer >= 2 (a group of one has no baseline)")
-        if not self.temperature > 0:
-            fail("temperature", "a number > 0 (rollouts are sampled, never greedy)")
-        if not self.lr > 0:
-            fail("lr", "a number > 0")
-        if not 0 < self.clip_eps < 1:
-            fail("clip_eps", "a number in (0, 1)")
-        for name in ("beta", "format_weight", "balance_coef", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                fail(name, "a number >= 0")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            fail("warmup_steps", "an integer >= 0")
-        if self.aggregation not in AGGREGATIONS:
-            fail("aggregation", f"one of {AGGREGATIONS}")
-        if self.advantage not in ADVANTAGES:
-            fail("advantage", f"one of {ADVANTAGES}")
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -105,18 +89,17 @@ class GRPOConfig:
 def grpo_preset(mode: Optional[str] = None) -> GRPOConfig:
     """The GRPO run of notebook 08 for a mode ("gpu", "cpu", "ci"; None = the mode runtime picks here).
 
-    Calibrated on a 2-core CPU from the shipped checkpoint (70.4 % greedy exact match on 500 held-out
-    3-digit additions), see the README: temperature 0.7 (at 1.0 only ~35 % of samples are right and
+    Calibrated on a 2-core CPU from an earlier shipped checkpoint (70.4 % greedy exact match on 500
+    held-out 3-digit additions), see the README: temperature 0.7 (at 1.0 fewer samples are right and
     learning is slower), router biases frozen during RL (the bias rule reacts to the narrow RL data
-    and moves the reference's routing under the policy), β = 0.04 as in DeepSeekMath. The cpu preset
-    reached 97.0 % in 113 s on 2 cores; with the KV cache's rollouts (notebook 10), 96.4 % in 100 s
-    (the code before the cache, the same hour: 96.2 % in 154 s).
+    and moves the reference's routing under the policy), β = 0.04 as in DeepSeekMath. From today's
+    checkpoint (66.0 %) the cpu preset reached 92.0 % in 127 s on 2 cores.
     """
     if mode is None:
         from moe_lab.runtime import detect_mode
 
         mode = detect_mode()
-    if mode == "ci":  # 5 seeds: 70.4 % -> 83.4-90.4 % (spread 7.0 points) in 100 steps
+    if mode == "ci":  # 5 seeds: 66.0 % -> 82.8-85.6 % (spread 2.8 points) in 100 steps
         return GRPOConfig(steps=100, eval_every=50)
     if mode == "cpu":
         return GRPOConfig(steps=500, eval_every=50)
@@ -166,8 +149,7 @@ def sample_rollouts(model, problems: Sequence[Problem], group_size: int, tempera
     """
     from moe_lab.evaluation import generate_completions
 
-    if group_size < 1:
-        raise ValueError(f"group_size={group_size}: expected an integer >= 1")
+    _check_group_size(group_size, "sample_rollouts")
     if not problems:
         raise ValueError("sample_rollouts: no problems given")
     pairs = generate_completions(model, problems, group_size, temperature, generator=generator,
@@ -201,7 +183,13 @@ def format_reward(task: ArithmeticTask, completion: str) -> float:
 
 
 def rewards(task: ArithmeticTask, texts: Sequence[str], problems: Sequence[Problem], format_weight: float = 0.1) -> Tensor:
-    """Step 2: the reward of every completion: correctness + format_weight * format, as a float tensor."""
+    """Step 2: the reward of every completion: correctness + format_weight * format, as a float tensor.
+
+    texts[i] is scored against problems[i]: the two must have the same length (never truncated).
+    """
+    if len(texts) != len(problems):
+        raise ValueError(f"rewards: {len(texts)} texts but {len(problems)} problems: expected one problem per "
+                         f"completion (Rollouts.problems repeats each problem G times)")
     return torch.tensor([correctness_reward(task, t, p) + format_weight * format_reward(task, t)
                          for t, p in zip(texts, problems)], dtype=torch.float32)
 
@@ -209,6 +197,31 @@ def rewards(task: ArithmeticTask, texts: Sequence[str], problems: Sequence[Probl
 # --------------------------------------------------------------------------------------------------
 # 3. Advantages
 # --------------------------------------------------------------------------------------------------
+def _check_group_size(group_size, where: str) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"{where}: group_size={group_size!r}: expected an integer >= 1")
+
+
+def check_rewards(r: Tensor, group_size: int, where: str = "group_advantages") -> None:
+    """Raise a ValueError naming the problem: a shape that does not split into groups, or a NaN/inf reward (by row)."""
+    _check_group_size(group_size, where)
+    if not isinstance(r, Tensor) or r.dim() != 1 or r.numel() == 0 or r.numel() % group_size:
+        shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+        raise ValueError(f"{where}: rewards of shape {shape} do not split into groups of {group_size}: "
+                         f"expected a 1-d tensor of P*G rewards, G={group_size}")
+    bad = (~torch.isfinite(r.double())).nonzero().flatten().tolist()
+    if bad:
+        rows = ", ".join(f"row {i} (group {i // group_size}, completion {i % group_size}) = {float(r[i])}" for i in bad[:5])
+        raise ValueError(f"{where}: {len(bad)} reward(s) are not finite: {rows}{' ...' if len(bad) > 5 else ''}; "
+                         f"every reward must be a finite number (check the reward function)")
+
+
+def equal_reward_groups(r: Tensor, group_size: int) -> Tensor:
+    """(P,) True where every reward of the group is exactly the same: such a group carries no signal."""
+    g = r.view(-1, group_size)
+    return (g == g[:, :1]).all(1)
+
+
 def group_advantages(r: Tensor, group_size: int, mode: str = "group", eps: float = 1e-6) -> Tensor:
     """Step 3: the advantage of each completion from its reward (r has P*G entries, grouped in rows of G).
 
@@ -217,22 +230,26 @@ def group_advantages(r: Tensor, group_size: int, mode: str = "group", eps: float
                       hard prompts (tiny std) in plain GRPO
     mode="batch_mean" r - mean over the whole batch: REINFORCE with a mean baseline, for comparison
 
-    A group whose rewards are all equal carries no signal: its advantages are exactly 0 (never NaN).
-    The std is the population std (divide by G), so a group of two rewards {0, 1} gets advantages ±1.
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0 (never NaN, and
+    never the rounding error of a float32 mean: eight rewards of 0.1 would otherwise get about ±0.007);
+    in "batch_mean" mode the same holds for a batch whose rewards are all equal. The std is the
+    population std (divide by G), so a group of two rewards {0, 1} gets advantages ±1. A NaN or inf
+    reward is an error naming its row. Computed in float64, returned as float32.
     """
     if mode not in ADVANTAGES:
         raise ValueError(f"group_advantages(mode={mode!r}): expected one of {ADVANTAGES}")
-    if r.dim() != 1 or r.numel() % group_size:
-        raise ValueError(f"group_advantages: rewards of shape {tuple(r.shape)} do not split into groups of {group_size}")
-    r = r.float()
+    check_rewards(r, group_size)
+    r64 = r.detach().double()
     if mode == "batch_mean":
-        return r - r.mean()
-    g = r.view(-1, group_size)
+        if bool((r64 == r64[0]).all()):
+            return torch.zeros_like(r64).float()
+        return (r64 - r64.mean()).float()
+    g = r64.view(-1, group_size)  # (P, G)
     centred = g - g.mean(1, keepdim=True)
-    if mode == "group_mean":
-        return centred.flatten()
-    std = g.std(1, unbiased=False, keepdim=True)
-    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred)).flatten()
+    if mode == "group":
+        centred = centred / (g.std(1, unbiased=False, keepdim=True) + eps)
+    equal = equal_reward_groups(r64, group_size)[:, None]  # (P, 1)
+    return torch.where(equal, torch.zeros_like(centred), centred).flatten().float()
 
 
 def advantages_by_correct_count(n_correct: Sequence[int], group_size: int, mode: str = "group") -> list[dict]:
@@ -241,6 +258,7 @@ def advantages_by_correct_count(n_correct: Sequence[int], group_size: int, mode:
     The plain function behind notebook 08's advantage explorer. Rewards are 1 (right) or 0 (wrong);
     each row says how hard the update pushes a right answer up and a wrong one down in that group.
     """
+    _check_group_size(group_size, "advantages_by_correct_count")
     if any(not 0 <= n <= group_size for n in n_correct):
         raise ValueError(f"advantages_by_correct_count: every count must lie in [0, group_size={group_size}], got {list(n_correct)}")
     r = torch.tensor([[1.0] * n + [0.0] * (group_size - n) for n in n_correct]).flatten()
@@ -291,6 +309,11 @@ class LossStats:
     ratio_mean: float
 
 
+def _selected(values: Tensor, mask: Tensor) -> Tensor:
+    """values where mask is 1, exactly 0 elsewhere: selected, not multiplied (inf * 0 would be NaN)."""
+    return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
 def aggregate(per_token: Tensor, mask: Tensor, how: Aggregation, max_len: Optional[int] = None) -> Tensor:
     """Turn per-token terms (B, L) into one number, over the tokens where mask is 1.
 
@@ -300,14 +323,41 @@ def aggregate(per_token: Tensor, mask: Tensor, how: Aggregation, max_len: Option
     "constant"  sum over all completion tokens / (B * max_len) (Dr. GRPO): no length-dependent weights at all,
                 provided max_len is a fixed budget (the trainer passes its generation budget); without
                 max_len the padded length of this batch is used, which varies from batch to batch.
+
+    Positions where mask is 0 are selected out, never multiplied by 0: an inf or NaN there (a k3 term
+    overflowing on a prompt token) cannot reach the result.
     """
+    if per_token.shape != mask.shape:
+        raise ValueError(f"aggregate: per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)}: expected the same shape")
+    if how not in AGGREGATIONS:
+        raise ValueError(f"aggregate(how={how!r}): expected one of {AGGREGATIONS}")
+    kept = _selected(per_token, mask)
+    count = mask.bool().sum(1).to(per_token.dtype)  # (B,) completion tokens per row
     if how == "sequence":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+        return (kept.sum(1) / count.clamp_min(1)).mean()
     if how == "token":
-        return (per_token * mask).sum() / mask.sum().clamp_min(1)
-    if how == "constant":
-        return (per_token * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
-    raise ValueError(f"aggregate(how={how!r}): expected one of {AGGREGATIONS}")
+        return kept.sum() / count.sum().clamp_min(1)
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        raise ValueError(f"aggregate: max_len={max_len!r}: expected a positive integer (the generation budget) or None")
+    return kept.sum() / (mask.shape[0] * (max_len or mask.shape[1]))
+
+
+def _check_loss_inputs(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Optional[Tensor]) -> None:
+    """Shapes must match, (B, L) per token and (B,) per completion; advantages finite; a mask of 0s and 1s."""
+    if logp.dim() != 2:
+        raise ValueError(f"grpo_loss: logp has shape {tuple(logp.shape)}: expected (completions, positions)")
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"grpo_loss: {name} has shape {tuple(t.shape)} but logp has {tuple(logp.shape)}: "
+                             f"expected the same (completions, positions)")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"grpo_loss: advantages has shape {tuple(advantages.shape)}: expected one per completion, "
+                         f"({logp.shape[0]},)")
+    bad = (~torch.isfinite(advantages.detach())).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"grpo_loss: the advantages of rows {bad[:5]} are not finite: {advantages[bad[:5]].tolist()}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("grpo_loss: mask must hold only 0 and 1 (1 = a completion token)")
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2,
@@ -320,9 +370,17 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     The clipped surrogate min(ρA, clip(ρ, 1-ε, 1+ε)A) has zero gradient once the ratio has moved
     past 1+ε for a positive advantage (or below 1-ε for a negative one): the policy may not move far
     from π_old on one batch. The KL term pulls it back towards π_ref.
+
+    Only completion tokens (mask 1) count. The log-probs of the other positions are replaced by 0
+    before any arithmetic (selected, never multiplied), so a huge or infinite value on a prompt token
+    changes neither the loss nor its gradient.
     """
     if beta > 0 and ref_logp is None:
         raise ValueError("grpo_loss: beta > 0 needs ref_logp (the reference model's log-probs)")
+    _check_loss_inputs(logp, old_logp, advantages, mask, ref_logp)
+    m = mask.bool()
+    logp, old_logp = _selected(logp, m), _selected(old_logp, m)  # outside the mask: ratio 1, KL 0, gradient 0
+    ref_logp = _selected(ref_logp, m) if ref_logp is not None else None
     ratio = torch.exp(logp - old_logp)  # ρ
     adv = advantages[:, None].to(logp.dtype)  # the same advantage for every token of a completion
     unclipped = ratio * adv
@@ -334,11 +392,10 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
         per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, aggregation, max_len)
     with torch.no_grad():
-        m = mask.bool()
         was_clipped = (clipped < unclipped) & m  # min() chose the clipped term: no gradient flows
         n = max(int(m.sum()), 1)
-        stats = LossStats(loss=float(loss), kl=float((kl * mask).sum() / n),
-                          clip_fraction=float(was_clipped.sum()) / n, ratio_mean=float((ratio * mask).sum() / n))
+        stats = LossStats(loss=float(loss), kl=float(_selected(kl, m).sum() / n),
+                          clip_fraction=float(was_clipped.sum()) / n, ratio_mean=float(_selected(ratio, m).sum() / n))
     return loss, stats
 
 
@@ -438,20 +495,13 @@ class GRPOTrainer:
             clip_fractions.append(stats.clip_fraction)
             if cfg.balance_coef > 0 and self.has_moe:
                 loss = loss + cfg.balance_coef * model.balance_loss()
-            for group in self.opt.param_groups:
-                group["lr"] = self._lr()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            self.opt.step()
+            optimizer_step(model, self.opt, loss, self._lr(), cfg.grad_clip,
+                           update_router_biases=self.has_moe and cfg.update_router_biases)  # the course's one update
             self.updates += 1
-            if self.has_moe and cfg.update_router_biases:
-                model.update_router_biases()
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"GRPO loss became {stats.loss}: lower the learning rate")
         correct = torch.tensor([self.task.verify(t, p) for t, p in zip(ro.texts, ro.problems)], dtype=torch.float32)
-        groups_equal = (r.view(-1, cfg.group_size).std(1, unbiased=False) == 0).float().mean()
+        groups_equal = equal_reward_groups(r, cfg.group_size).float().mean()
         return {"reward": float(r.mean()), "correct": float(correct.mean()),
                 "format_ok": sum(self.task.format_ok(t) for t in ro.texts) / len(ro.texts),
                 "kl": stats.kl, "clip_fraction": stats.clip_fraction, "length": float(ro.lengths.float().mean()),

@@ -26,13 +26,13 @@ def plot_loss_curves(histories: dict, x: str = "step", ax=None, title: Optional[
             xs = h.step if x == "step" else h.time
             k = max(1, len(h.train_loss) // 50)
             smooth = np.convolve(h.train_loss, np.ones(k) / k, mode="valid")
-            ax.plot(xs[k - 1:], smooth, color=color, alpha=0.3, lw=1)
+            ax.plot(xs[k - 1:], smooth, color=color, alpha=0.3, lw=1, label=f"{name}, training batches (smoothed)")
         ex = h.eval_step if x == "step" else h.eval_time
         ax.plot(ex, h.val_loss, color=color, marker="o", ms=3, label=f"{name} (val {h.final_val_loss:.3f})")
     ax.set_xlabel("optimiser step" if x == "step" else "training time (s)")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title or f"loss per {'step' if x == 'step' else 'second'}")
-    ax.legend()
+    ax.legend(fontsize=8)
     return ax
 
 
@@ -65,8 +65,24 @@ def plot_load_over_time(history, layer: int = 0, ax=None, title: Optional[str] =
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("expert")
     ax.set_title(title or f"layer {layer}: share of assignments per expert")
-    plt.colorbar(im, ax=ax, label="fraction")
+    plt.colorbar(im, ax=ax, label="share of assignments")
     return ax
+
+
+def plot_balance_comparison(histories: dict, layer: int = 0):
+    """Notebook 04: one layer's load over time for each run (one panel each, with its colour bar),
+    then the imbalance of every run in a last panel. Constrained layout gives each colour bar's
+    label its own room, clear of the next panel's axis label. Returns the figure."""
+    fig, axes = plt.subplots(1, len(histories) + 1, figsize=(5 * (len(histories) + 1), 3.5), layout="constrained")
+    for ax, (name, h) in zip(axes, histories.items()):
+        plot_load_over_time(h, layer=layer, ax=ax, title=f"layer {layer}, {name}")
+    for name, h in histories.items():
+        axes[-1].plot(imbalance_curve(h), label=name, alpha=0.8)
+    axes[-1].set_xlabel("optimiser step")
+    axes[-1].set_ylabel("max load / mean load")
+    axes[-1].set_title("imbalance (1 = perfect)")
+    axes[-1].legend(fontsize=8)
+    return fig
 
 
 def imbalance_curve(history, layer: Optional[int] = None) -> np.ndarray:
@@ -124,7 +140,7 @@ def plot_roofline(peak_flops: float, bandwidth: float, points: Sequence[dict] = 
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
     ax.set_ylabel(f"attained {unit}")
     ax.set_title(title or "roofline")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     return ax
 
 
@@ -161,14 +177,21 @@ def backend_color(backend: str) -> str:
     return f"C{names.index(backend)}" if backend in names else "C9"
 
 
+SHAPE_MARKERS = {"tiny": "o", "teaching": "s", "fine": "*", "mixtral": "^"}
+
+
 def bench_points(rows, with_tokens: bool = True, color: Optional[str] = None) -> list[dict]:
     """Roofline points (see plot_roofline) of successful bench rows: intensity and attained FLOP/s.
-    `color` overrides the back-end colours (live points drawn grey beside recorded ones)."""
+    Colour = back-end; marker = back-end when the rows hold one layer, the layer when they hold
+    several (so no two series share a symbol). `color` overrides the colours (live points drawn grey
+    beside recorded ones)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    several = len({r["shape"] for r in ok}) > 1
     return [dict(label=f"{r['backend']}, {r['shape']} T={r['tokens']}" if with_tokens else r["backend"],
                  intensity=r["intensity"], flops=r["flops"] / (r["ms"] * 1e-3),
-                 marker=BACKEND_MARKERS.get(r["backend"], "o"),
-                 color=color or backend_color(r["backend"]))
-            for r in rows if r["status"] == "ok"]
+                 marker=SHAPE_MARKERS.get(r["shape"], "P") if several else BACKEND_MARKERS.get(r["backend"], "o"),
+                 color=color or backend_color(r["backend"]), size=60 if several else 30)
+            for r in ok]
 
 
 def plot_bench_record(record: dict, shape: Optional[str] = None, live_rows=(), live_ceilings=None):
@@ -200,5 +223,78 @@ def plot_bench_record(record: dict, shape: Optional[str] = None, live_rows=(), l
     if live and live_ceilings is not None and axes[2].axison:
         plot_roofline(live_ceilings.peak_flops, live_ceilings.bandwidth, bench_points(live, color="0.6"), ax=axes[2],
                       roof_label=f"live here: {live_ceilings.device[:32]}", title=axes[2].get_title(), color="0.6")
+    fig.tight_layout()
+    return fig
+
+
+def plot_backend_times(rows, ax=None, title: Optional[str] = None):
+    """Bench rows (moe_lab.bench.run) as bars: milliseconds per back-end, one bar per pass, with the
+    layer, tokens and dtype in the title. Rows that did not run are left out. Returns the axes."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        raise ValueError("no successful bench rows to plot")
+    ax = _axes(ax, figsize=(6.5, 3.2))
+    backends = list(dict.fromkeys(r["backend"] for r in ok))
+    passes = list(dict.fromkeys(r["pass"] for r in ok))
+    width = 0.8 / len(passes)
+    for i, mode in enumerate(passes):
+        ms = [next((r["ms"] for r in ok if r["backend"] == b and r["pass"] == mode), float("nan")) for b in backends]
+        ax.bar([j + (i - (len(passes) - 1) / 2) * width for j in range(len(backends))], ms, width=width, label=mode)
+    ax.set_xticks(range(len(backends)), backends)
+    ax.set_ylabel("ms per call (median)")
+    r0 = ok[0]
+    ax.set_title(title or f"{r0['shape']} layer, {r0['tokens']} tokens, E={r0['n_experts']}, top-{r0['top_k']}, "
+                          f"{r0['dtype']}", fontsize=9)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_moe_layout(expert_idx, align, n_experts: int):
+    """The block-aligned layout of notebook 06 in three panels: (a) which expert each token chose, in
+    which slot j (dropped in grey); (b) the sorted, padded rows (sorted_ids), a line at each block
+    boundary; (c) the expert each block of rows runs (block_expert). CPU tensors. Returns the figure."""
+    T, k = expert_idx.shape
+    A = align.n_assignments
+    colors = plt.cm.tab10.colors
+    fig, axes = plt.subplots(1, 3, figsize=(12, 6.5), gridspec_kw=dict(width_ratios=[n_experts + 1, 2.2, 1.3]))
+    ax = axes[0]  # (a) tokens x experts
+    for t in range(T):
+        for j in range(k):
+            e = int(expert_idx[t, j])
+            col = n_experts if e < 0 else e
+            ax.add_patch(plt.Rectangle((col, t), 1, 1, color="0.85" if e < 0 else colors[e], alpha=1.0 if j == 0 else 0.5))
+            ax.text(col + 0.5, t + 0.5, f"a={t * k + j}\nj={j}", ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, n_experts + 1)
+    ax.set_ylim(T, 0)
+    ax.set_xticks([i + 0.5 for i in range(n_experts + 1)], [f"e{i}" for i in range(n_experts)] + ["dropped"])
+    ax.set_yticks([t + 0.5 for t in range(T)], range(T))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("token t")
+    ax.set_title("(a) routing: tokens × experts")
+    ax = axes[1]  # (b) sorted, block-padded rows
+    ids = align.sorted_ids.tolist()
+    blocks = align.block_expert.tolist()
+    for r, a in enumerate(ids):
+        e = blocks[r // align.block_m]
+        real = a < A
+        ax.add_patch(plt.Rectangle((0, r), 1, 1, color=colors[e] if real else "0.92", ec="white", lw=0.5))
+        label = f"a={a} (t={a // k})" if real else (f"pad: {a}" if e >= 0 else f"unused: {a}")
+        ax.text(0.5, r + 0.5, label, ha="center", va="center", fontsize=7)
+    for b in range(len(blocks) + 1):
+        ax.axhline(b * align.block_m, color="k", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(ids), 0)
+    ax.set_xticks([])
+    ax.set_ylabel("sorted row r")
+    ax.set_title(f"(b) sorted_ids\n(block_m={align.block_m}, sentinel {A})")
+    ax = axes[2]  # (c) expert of each block
+    for b, e in enumerate(blocks):
+        ax.add_patch(plt.Rectangle((0, b * align.block_m), 1, align.block_m, color=colors[e] if e >= 0 else "0.92", ec="k"))
+        ax.text(0.5, (b + 0.5) * align.block_m, f"block {b}\nexpert {e}", ha="center", va="center", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(ids), 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("(c) block_expert")
     fig.tight_layout()
     return fig

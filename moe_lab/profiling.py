@@ -2,27 +2,8 @@
 
 Notebook 07 builds these pieces; `python -m moe_lab.bench` uses them to record figures.
 
-1. FLOP model. A SwiGLU expert layer (Shazeer 2020) with T tokens, top-k routing, model width d and
-   expert width f runs N = T*k routed rows through three matmuls (a matmul (m, n) @ (n, p) costs
-   2*m*n*p FLOPs, one multiply and one add per term):
-
-       gate  x @ w1   2*N*d*f          forward = 6*N*d*f = 6*T*k*d*f
-       up    x @ w3   2*N*d*f          backward = 2 x forward: each matmul needs the gradient of
-       down  h @ w2   2*N*f*d          its input (dX = dY W^T) and of its weight (dW = X^T dY)
-
-   SwiGLU's elementwise work and the routing weights (about 5*N*f + 2*N*d FLOPs, under 1 % at the
-   course's sizes) are left out, as torch.utils.flop_counter also leaves them out.
-
-2. Byte model, in three parts (`moe_bytes`):
-   - weights: every expert that receives at least one token reads w1, w3, w2 (3*d*f values) once.
-     With routing spread at random (each token picks k distinct experts uniformly, independently of
-     the other tokens) an expert is idle with probability (1 - k/E)^T, so the expected number of
-     active experts is E * (1 - (1 - k/E)^T) (`expected_active_experts`). Real routers are not
-     uniform; the bench counts the experts its routing actually uses.
-   - activations: x read and y written once (T*d values each); backward: dy and x read, dx written.
-   - intermediates: what each implementation writes to memory and reads back, counted op by op
-     (each torch op reads its inputs and writes its output once; caches ignored). See
-     INTERMEDIATE_TRAFFIC. "minimal" (no intermediates) is the lower bound any implementation pays.
+1-2. The FLOP and byte models of an expert layer (moe_flops, moe_bytes, expected_active_experts,
+   INTERMEDIATE_TRAFFIC) are defined in moe_lab.cost, the course's one cost module, and used here.
 
 3. Roofline (Williams, Waterman & Patterson 2009): a kernel with arithmetic intensity I (FLOP per
    byte) can reach at most min(peak FLOP/s, I * bandwidth). The two ceilings are *measured* here
@@ -50,131 +31,12 @@ from typing import Callable, Iterable, Literal, Optional, Sequence
 
 import torch
 
-Pass = Literal["forward", "backward", "forward+backward"]
-PASSES = ("forward", "backward", "forward+backward")
-
-
-def _check_pass(mode: str) -> None:
-    if mode not in PASSES:
-        raise ValueError(f"mode={mode!r}: expected one of {PASSES}")
-
-
-def _check_positive(**values) -> None:
-    for name, v in values.items():
-        if not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"{name}={v!r}: expected a number >= 0")
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. FLOPs
-# ----------------------------------------------------------------------------------------------
-def moe_flops_breakdown(tokens: int, d_model: int, d_expert: int, top_k: int) -> dict[str, int]:
-    """Forward FLOPs of each matmul of a SwiGLU expert layer: {"gate", "up", "down"}."""
-    _check_positive(tokens=tokens, d_model=d_model, d_expert=d_expert, top_k=top_k)
-    n = tokens * top_k  # routed rows
-    return {"gate": 2 * n * d_model * d_expert, "up": 2 * n * d_model * d_expert, "down": 2 * n * d_expert * d_model}
-
-
-def moe_flops(tokens: int, d_model: int, d_expert: int, top_k: int, mode: Pass = "forward") -> int:
-    """Matmul FLOPs of a SwiGLU expert layer: 6*T*k*d*f forward, twice that backward, three times
-    that for forward+backward (see the module docstring)."""
-    _check_pass(mode)
-    fwd = sum(moe_flops_breakdown(tokens, d_model, d_expert, top_k).values())
-    return {"forward": fwd, "backward": 2 * fwd, "forward+backward": 3 * fwd}[mode]
-
-
-def dense_equal_flops_shape(tokens: int, d_model: int, d_expert: int, top_k: int) -> tuple[int, int, int]:
-    """(M, K, N) of one dense matmul with the forward FLOPs of the expert layer: (T*k, d) @ (d, 3f),
-    2*(T*k)*d*(3f) = 6*T*k*d*f. Its backward (dA and dB) also costs twice its forward."""
-    return tokens * top_k, d_model, 3 * d_expert
-
-
-def matmul_flops(m: int, k: int, n: int) -> int:
-    """FLOPs of (m, k) @ (k, n)."""
-    return 2 * m * k * n
-
-
-def matmul_bytes(m: int, k: int, n: int, itemsize: int, mode: Pass = "forward") -> int:
-    """Bytes a matmul must move at least: read A and B, write C; backward reads dC, A, B and writes dA, dB."""
-    _check_pass(mode)
-    fwd = (m * k + k * n + m * n) * itemsize
-    bwd = (m * n + m * k + k * n + m * k + k * n) * itemsize
-    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Bytes
-# ----------------------------------------------------------------------------------------------
-def expected_active_experts(tokens: int, n_experts: int, top_k: int) -> float:
-    """Expected number of experts that receive at least one of T tokens, when each token picks top_k
-    distinct experts uniformly at random, independently of the others: E * (1 - (1 - k/E)^T)."""
-    _check_positive(tokens=tokens, n_experts=n_experts, top_k=top_k)
-    if n_experts < 1 or not 0 < top_k <= n_experts:
-        raise ValueError(f"top_k={top_k}, n_experts={n_experts}: expected 1 <= top_k <= n_experts")
-    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
-
-
-# Intermediate traffic in units of N*d, N*f, T*d and (active experts)*T*d, N = T*k routed rows.
-# Counted op by op from each implementation's code (moe_lab.model.experts, moe_lab.kernels); each
-# op reads its inputs and writes its output once. "forward" is inference (no saved tensors);
-# "backward" is the extra traffic of the backward pass after a training forward.
-INTERMEDIATE_TRAFFIC = {
-    # backend: {pass: (Nd, Nf, Td, E_active*Td)}
-    "minimal": {"forward": (0, 0, 0, 0), "backward": (0, 0, 0, 0)},
-    # forward: h written and read (2Nf), the (N, d) per-assignment buffer written and read by the
-    # combine (2Nd); training also writes a1, a3 (2Nf). Backward: a1, a3 read and da1, da3 written
-    # (4Nf), da1, da3 read by the dx and the dW1/dW3 kernels (4Nf), h read by dW2 (Nf); dy gathered
-    # twice and x once per row (3Nd), the dx buffer written and combined (2Nd).
-    "triton": {"forward": (2, 2, 0, 0), "backward": (5, 9, 0, 0)},
-    # forward: permuted copy of x (write 1, read 2), a1, a3, silu(a1), h (write + read each: 8Nf),
-    # expert outputs, torch.cat, weighting (2Nd each), and index_add into zeros (2Td).
-    "sorted": {"forward": (9, 8, 2, 0), "backward": (16, 15, 2, 0)},
-    # as sorted without the torch.cat (the grouped matmul writes one (N, d) output)
-    "grouped_mm": {"forward": (7, 8, 2, 0), "backward": (16, 15, 2, 0)},
-    # as grouped_mm, but y = y.index_add(...) copies all of y once per active expert (2Td each),
-    # and the backward of x[token] accumulates a (T, d) gradient per active expert (4Td each).
-    "reference": {"forward": (7, 8, 1, 2), "backward": (16, 15, 0, 4)},
-}
-
-
-def moe_bytes(tokens: int, d_model: int, d_expert: int, n_experts: int, top_k: int, itemsize: int,
-              backend: str = "minimal", mode: Pass = "forward", active_experts: Optional[float] = None) -> dict:
-    """Bytes an expert layer moves, as {"weights", "activations", "intermediates", "total"}.
-
-    active_experts: how many experts receive tokens (default: `expected_active_experts`).
-    backend: a key of INTERMEDIATE_TRAFFIC ("minimal" = weights and activations only, the lower bound).
-    Backward weights: w1, w3, w2 of the active experts read again, and all E weight gradients written.
-    """
-    _check_pass(mode)
-    if backend not in INTERMEDIATE_TRAFFIC:
-        raise ValueError(f"backend={backend!r}: expected one of {tuple(INTERMEDIATE_TRAFFIC)}")
-    T, d, f, E, k = tokens, d_model, d_expert, n_experts, top_k
-    act = expected_active_experts(T, E, k) if active_experts is None else active_experts
-    if not 0 <= act <= E:
-        raise ValueError(f"active_experts={active_experts}: expected a number in [0, n_experts={E}]")
-    N = T * k
-    per_expert = 3 * d * f  # w1, w3, w2
-    parts = {"forward": {"weights": act * per_expert, "activations": 2 * T * d},
-             "backward": {"weights": (act + E) * per_expert, "activations": 3 * T * d}}
-    passes = ["forward", "backward"] if mode == "forward+backward" else [mode]
-    out = {"weights": 0.0, "activations": 0.0, "intermediates": 0.0}
-    for p in passes:
-        cNd, cNf, cTd, cETd = INTERMEDIATE_TRAFFIC[backend][p]
-        if p == "forward" and mode == "forward+backward" and backend == "triton":
-            cNf += 2  # the training forward also writes a1 and a3 for the backward
-        out["weights"] += parts[p]["weights"]
-        out["activations"] += parts[p]["activations"]
-        out["intermediates"] += cNd * N * d + cNf * N * f + cTd * T * d + cETd * act * T * d
-    out = {name: v * itemsize for name, v in out.items()}
-    out["total"] = out["weights"] + out["activations"] + out["intermediates"]
-    return out
-
-
-def arithmetic_intensity(flops: float, n_bytes: float) -> float:
-    """FLOPs per byte of memory traffic."""
-    if n_bytes <= 0:
-        raise ValueError(f"n_bytes={n_bytes}: expected a positive number of bytes")
-    return flops / n_bytes
+# The cost model (FLOPs, bytes, intensity) lives in moe_lab.cost; its names are used here and by the
+# notebooks through this module too.
+from moe_lab import cost  # noqa: E402
+from moe_lab.cost import (INTERMEDIATE_TRAFFIC, PASSES, Pass, arithmetic_intensity,  # noqa: F401,E402
+                          dense_equal_flops_shape, expected_active_experts, moe_bytes, moe_flops,
+                          moe_flops_breakdown)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +124,13 @@ class Ceilings:
         return {**asdict(self), "ridge_flop_per_byte": self.ridge}
 
 
+def measure_matmul_tflops(device, dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    """Median TFLOP/s of an n x n x n matmul on this device (2 n^3 FLOPs each), after a warm-up:
+    notebook 00's GFLOP/s, by the same timer as notebook 07's compute roof."""
+    flops, _ = measure_matmul_ceiling(device, dtype, n, repeats=repeats)
+    return flops / 1e12
+
+
 def measure_matmul_ceiling(device, dtype: torch.dtype, n: int = 8192, repeats: int = 5) -> tuple[float, float]:
     """(FLOP/s, ms) of an n x n x n matmul: the compute roof."""
     device = torch.device(device)
@@ -269,7 +138,7 @@ def measure_matmul_ceiling(device, dtype: torch.dtype, n: int = 8192, repeats: i
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
     ms = bench_ms(lambda: a @ b, device, warmup=1, repeats=repeats)
-    return matmul_flops(n, n, n) / (ms * 1e-3), ms
+    return cost.matmul_flops(n, n, n) / (ms * 1e-3), ms
 
 
 def measure_copy_bandwidth(device, n_bytes: int = 1 << 30, repeats: int = 5) -> tuple[float, float]:
@@ -304,6 +173,30 @@ class KernelRow:
     share: float  # fraction of the total self time
 
 
+class _quiet_stderr:
+    """Silence file descriptor 2 (C++ code's stderr, which Python's sys.stderr does not catch) for a block:
+    torch.profiler's backend prints 'USDT: ... profiler_start/stop' lines there."""
+
+    def __enter__(self):
+        import sys as _sys
+
+        try:
+            _sys.stderr.flush()
+            self.saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        except OSError:  # no real fd 2 (some notebook front-ends): nothing to silence
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+        return False
+
+
 def top_kernels(fn: Callable[[], object], device, n: int = 8, warmup: int = 1, show: bool = True) -> list[KernelRow]:
     """Run fn under torch.profiler (after `warmup` plain runs) and return the n operators / kernels
     that took the most self time; print them as a table when show=True. On a GPU the rows are CUDA
@@ -314,7 +207,7 @@ def top_kernels(fn: Callable[[], object], device, n: int = 8, warmup: int = 1, s
     for _ in range(warmup):
         fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
+    with _quiet_stderr(), profile(activities=activities) as prof:  # the profiler logs its start and stop to fd 2
         fn()
         if on_gpu:
             torch.cuda.synchronize()
@@ -380,7 +273,7 @@ def driver_version(device=None) -> str:
 
 
 def environment_record(device, command: Optional[str] = None) -> dict:
-    """What a recorded figure must carry (DESIGN.md): device, driver, versions, date and command."""
+    """What a recorded figure must carry (README, "Benchmarks"): device, driver, versions, date and command."""
     from moe_lab.runtime import triton_version
 
     return {
@@ -451,8 +344,9 @@ def load_bench_records(directory: os.PathLike | str = "data/bench") -> list[dict
 
 
 def record_label(record: dict) -> str:
-    """'recorded on <device>, <date>' for plots and tables."""
-    return f"recorded on {record['device']}, {record['date'][:10]}"
+    """'recorded on <device>, <date>[, commit <c>]' for plots and tables."""
+    commit = record.get("commit")
+    return f"recorded on {record['device']}, {record['date'][:10]}" + (f", commit {commit}" if commit else "")
 
 
 def ok_results(record: dict, **match) -> list[dict]:

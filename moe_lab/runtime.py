@@ -1,8 +1,9 @@
 """Runtime policy, decided in one place: mode, device, dtype, seeding and the Triton interpreter.
 
-Modes (DESIGN.md): "gpu" (CUDA present: full presets, bf16, compiled Triton), "cpu" (presets that
-learn something real in minutes on 2 cores, float32, Triton through its interpreter) and "ci"
-(the smallest presets that still exercise every code path). The mode comes from, in order:
+Modes (README, "CPU, GPU and the three modes"): "gpu" (CUDA present: full presets, bf16, compiled
+Triton), "cpu" (presets that learn something real in minutes on 2 cores, float32, Triton through its
+interpreter) and "ci" (the smallest presets that still exercise every code path). The mode comes
+from, in order:
 
     1. the argument `setup(mode=...)`
     2. the environment variable MOE_LAB_MODE ("gpu", "cpu" or "ci")
@@ -17,6 +18,7 @@ import os
 import platform
 import random
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,6 +48,27 @@ def detect_mode(env: Optional[dict] = None) -> str:
 def _cuda_usable(env: Optional[dict] = None) -> bool:
     env = os.environ if env is None else env
     return torch.cuda.is_available() and env.get("MOE_LAB_DEVICE", "").lower() != "cpu"
+
+
+def require_device(device) -> torch.device:
+    """The torch.device for a name such as "cpu", "cuda" or "cuda:1", or a ValueError that says plainly
+    why it cannot be used here (no CUDA in this torch build, no GPU visible, an index past the last GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N' (the course runs on CPUs and CUDA GPUs)")
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device={device!r}: {why} (torch {torch.__version__}); use device='cpu'")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
 def pick_dtype(device: torch.device, capability: Optional[tuple] = None) -> torch.dtype:
@@ -100,19 +123,70 @@ class Runtime:
 
 
 def setup(seed: int = 0, mode: Optional[str] = None, verbose: bool = True) -> Runtime:
-    """Decide mode, device and dtype, seed everything, and print a one-line summary."""
+    """Decide mode, device and dtype, seed everything, and print a one-line summary.
+
+    Also: warns when mode "gpu" is forced on a machine without a usable GPU (the GPU presets then
+    run on the CPU, many times slower); says when torch's OpenMP threads spin while waiting (see
+    `omp_note`); on Colab with ipywidgets 8, enables the custom widget manager Colab needs to
+    draw them (`colab_widgets`)."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"setup(mode={mode!r}): expected one of {MODES} or None")
     mode = mode or detect_mode()
     device = torch.device("cuda") if _cuda_usable() else torch.device("cpu")
+    if mode == "gpu" and device.type != "cuda":
+        warnings.warn(gpu_mode_without_gpu_message(), UserWarning, stacklevel=2)
     interpret = device.type != "cuda"
     if interpret:  # Triton kernels defined after this point run on CPU tensors
         os.environ.setdefault("TRITON_INTERPRET", "1")
     seed_everything(seed)
     rt = Runtime(mode=mode, device=device, dtype=pick_dtype(device), seed=seed, triton_interpret=interpret)
+    if in_colab():
+        colab_widgets()
     if verbose:
         print(rt.summary(), file=sys.stdout)
+        note = omp_note()
+        if note:
+            print(note, file=sys.stdout)
     return rt
+
+
+def gpu_mode_without_gpu_message() -> str:
+    why = ("MOE_LAB_DEVICE=cpu is set" if torch.cuda.is_available() else "torch sees no CUDA GPU")
+    return (f"mode 'gpu' was asked for (setup(mode=...) or MOE_LAB_MODE), but {why}: the GPU presets will run on "
+            "the CPU, many times slower than mode 'cpu' (notebook 05: about 5 min instead of 30 s). "
+            "Unset MOE_LAB_MODE (or set it to 'cpu') unless you mean it.")
+
+
+def omp_note() -> Optional[str]:
+    """A line for the learner when torch's OpenMP threads spin while they wait, else None.
+
+    OMP_WAIT_POLICY is read once, when torch loads its OpenMP library: `import moe_lab` (and
+    `make lab`) set it to PASSIVE in time, but not when torch was imported first without it. Then
+    two kernels computing at once on a small machine slow each other down many times over."""
+    import moe_lab
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "")
+    if moe_lab.OMP_POLICY_SET_BEFORE_TORCH and policy.upper() != "ACTIVE":
+        return None
+    return ("note: torch's OpenMP threads spin while waiting here (torch was loaded before OMP_WAIT_POLICY=PASSIVE "
+            "was set): if two notebooks compute at once they stall each other. Restart the kernel and import "
+            "moe_lab first, or start Jupyter with OMP_WAIT_POLICY=PASSIVE (make lab does).")
+
+
+def colab_widgets() -> bool:
+    """On Colab, enable the custom widget manager that ipywidgets 8 needs there; True if enabled.
+
+    Colab draws ipywidgets 7 itself and ipywidgets 8 only through its custom widget manager; the
+    course's widgets use only what both versions share (moe_lab.widgets)."""
+    try:
+        import ipywidgets
+        from google.colab import output  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    if int(ipywidgets.__version__.split(".")[0]) < 8 or not hasattr(output, "enable_custom_widget_manager"):
+        return False
+    output.enable_custom_widget_manager()
+    return True
 
 
 def in_colab() -> bool:
@@ -137,13 +211,3 @@ def environment_table(rt: Runtime) -> list[tuple[str, str]]:
         major, minor = torch.cuda.get_device_capability(rt.device)
         rows.append(("compute capability", f"{major}.{minor}"))
     return rows
-
-
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
-    """Median TFLOP/s of an n x n x n matmul on this device (2 n^3 FLOPs each), after a warm-up.
-
-    The compute roof of notebook 07, measured by the same timer (moe_lab.profiling.bench_ms)."""
-    from moe_lab.profiling import measure_matmul_ceiling
-
-    flops, _ = measure_matmul_ceiling(device, dtype, n, repeats=repeats)
-    return flops / 1e12

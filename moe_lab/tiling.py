@@ -21,6 +21,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from moe_lab import cost
+from moe_lab.cost import max_padded_rows  # noqa: F401  (moe_align's size bound, for the explorers)
+
 # Largest shared memory one program (CUDA block) may use, in bytes: the "opt-in" per-block limit that
 # Triton checks when it compiles a kernel. An H100 SM has 228 KiB of shared memory, of which one block
 # may take 227 KiB; an A100's has 164 KiB (163 per block); a T4's 64 KiB.
@@ -29,9 +32,6 @@ SHARED_MEMORY_LIMITS = {
     "A100": 163 * 1024,
     "T4": 64 * 1024,
 }
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -46,11 +46,12 @@ def _si(x: float, unit: str) -> str:
 
 
 def dtype_bytes(dtype) -> int:
-    """Bytes per element of "float32" / "float16" / "bfloat16" (or the torch dtype of that name)."""
+    """Bytes per element of one of the dtypes the kernels take ("float32", "float16", "bfloat16", or the
+    torch dtype of that name): moe_lab.cost.itemsize, restricted to them."""
     name = str(dtype).replace("torch.", "")
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPE_BYTES)} (the dtypes the kernels take)")
-    return DTYPE_BYTES[name]
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: expected one of ['bfloat16', 'float16', 'float32'] (the dtypes the kernels take)")
+    return cost.itemsize(name)
 
 
 def _check_size(name: str, value: int, minimum: int = 1) -> None:
@@ -178,10 +179,10 @@ def matmul_tiling(M: int, N: int, K: int, block_m: int, block_n: int, block_k: i
         M=M, N=N, K=K, block_m=block_m, block_n=block_n, block_k=block_k, num_stages=num_stages, itemsize=size,
         grid=(tm, tn), n_programs=tm * tn, k_steps=ks, tile_loads_per_program=2 * ks,
         elements_loaded_per_program=ks * (a_tile + b_tile),
-        flops=2 * M * N * K,
-        flops_executed=2 * (tm * block_m) * (tn * block_n) * (ks * block_k),
-        bytes_moved=(M * K * tn + K * N * tm + M * N) * size,  # = intro.matmul_bytes(..., block_m, block_n)
-        ideal_bytes=(M * K + K * N + M * N) * size,
+        flops=cost.matmul_flops(M, N, K),
+        flops_executed=cost.matmul_flops(tm * block_m, tn * block_n, ks * block_k),
+        bytes_moved=cost.matmul_bytes(M, N, K, size, block_m=block_m, block_n=block_n),
+        ideal_bytes=cost.matmul_bytes(M, N, K, size),
         shared_memory_bytes=num_stages * (a_tile + b_tile) * size,
         output_waste=1 - (M * N) / (tm * block_m * tn * block_n),
         k_waste=1 - K / (ks * block_k),
@@ -291,13 +292,6 @@ class GroupedGemmTiling:
         ])
 
 
-def max_padded_rows(n_assignments: int, n_experts: int, block_m: int) -> int:
-    """The rows moe_align allocates before it knows the counts: every non-empty expert (at most
-    min(E, A) of them) pads fewer than block_m rows; rounded up to whole blocks. The same formula as
-    moe_lab.kernels.moe_routing.max_padded_rows (that module needs Triton's package; this one not)."""
-    return _cdiv(n_assignments + min(n_experts, n_assignments) * (block_m - 1), block_m) * block_m
-
-
 def grouped_gemm_tiling(tokens_per_expert: Sequence[int], block_m: int, k: int, n: int, block_n: int = 32,
                         dtype="float32", n_assignments: Optional[int] = None) -> GroupedGemmTiling:
     """Pad each expert's rows to a multiple of block_m, as moe_align does, and count rows, waste,
@@ -325,19 +319,19 @@ def grouped_gemm_tiling(tokens_per_expert: Sequence[int], block_m: int, k: int, 
     A = real if n_assignments is None else n_assignments
     if A < real:
         raise ValueError(f"n_assignments={A} is fewer than the {real} routed rows")
-    padded = tuple(_cdiv(c, block_m) * block_m for c in counts)
+    padded = tuple(cost.padded_rows(counts, block_m))
     offsets = [0]
     for p in padded:
         offsets.append(offsets[-1] + p)
     rows = offsets[-1]
-    max_rows = max_padded_rows(A, len(counts), block_m)
+    max_rows = cost.max_padded_rows(A, len(counts), block_m)
     col_blocks = _cdiv(n, block_n)
     return GroupedGemmTiling(
         tokens_per_expert=tuple(counts), block_m=block_m, block_n=block_n, k=k, n=n, itemsize=size,
         padded_per_expert=padded, offsets=tuple(offsets), padded_rows=rows, real_rows=real,
         used_blocks=rows // block_m, max_rows=max_rows, max_blocks=max_rows // block_m,
         programs_launched=(max_rows // block_m) * col_blocks, programs_working=(rows // block_m) * col_blocks,
-        flops=2 * real * k * n, flops_executed=2 * rows * k * n,
+        flops=cost.matmul_flops(real, n, k), flops_executed=cost.matmul_flops(rows, n, k),
         # padding rows are masked on load: only real rows are read, once per column block
         bytes_moved=(real * k * col_blocks + (rows // block_m) * k * n + real * n) * size,
     )

@@ -16,6 +16,11 @@ import torch
 from moe_lab.config import MoEConfig
 from moe_lab.model.router import Router, expert_capacity
 
+# A label wider than ipywidgets' default description width (about 10 characters) is cut with "…";
+# "initial" sizes it to its text. The same in ipywidgets 7 and 8: the explorers use only what both
+# versions share (interactive, sliders, dropdowns), so they run on Colab's ipywidgets 7 as on 8.
+WIDE = {"description_width": "initial"}
+
 
 def explore_routing(n_tokens: int = 256, n_experts: int = 8, top_k: int = 2, router: str = "softmax",
                     skew: float = 0.0, bias_steps: int = 0, bias_rate: float = 0.01,
@@ -84,7 +89,8 @@ def router_explorer():
         router=W.Dropdown(options=["softmax", "sigmoid"], value="softmax", description="router"),
         skew=W.FloatSlider(value=1.0, min=0.0, max=4.0, step=0.25, description="skew"),
         bias_steps=W.IntSlider(value=0, min=0, max=300, step=25, description="bias steps"),
-        capacity_factor=W.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.25, description="capacity (0=off)"),
+        capacity_factor=W.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.25, description="capacity (0=off)",
+                                      style=WIDE),  # WIDE: the whole label, not "capacity (…"
     )
 
 
@@ -173,3 +179,23 @@ def advantage_explorer(group_size: int = 8, n_groups: int = 4):
     sliders = {f"group {i}": W.IntSlider(value=v, min=0, max=group_size, description=f"group {i}")
                for i, v in zip(range(n_groups), [1, group_size // 2, group_size - 1, group_size] + [0] * n_groups)}
     return W.interactive(show, **sliders)
+
+
+def source_of(obj) -> str:
+    """The Python source of a function, a class, or a Triton kernel (jit or autotuned: unwrapped)."""
+    import inspect
+
+    fn = obj
+    while not inspect.isfunction(fn) and not inspect.isclass(fn):  # Autotuner -> JITFunction -> function
+        if not hasattr(fn, "fn"):
+            raise TypeError(f"source_of: {obj!r} is not a function, a class or a Triton kernel")
+        fn = fn.fn
+    return inspect.getsource(fn)
+
+
+def show_source(obj) -> None:
+    """Display obj's source as a highlighted code block in the notebook (notebooks 06 and 07 read the
+    package's kernels this way)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"```python\n{source_of(obj)}```"))

@@ -123,8 +123,12 @@ checks.check_matmul_flops(matmul_flops)  # the same as moe_lab.kernels.intro.mat
 # So two n×n matrices cost 2n³ FLOPs. Time them at a few sizes:
 
 # %%
-sizes = {"gpu": [1024, 2048, 4096, 8192], "cpu": [128, 256, 512, 1024], "ci": [64, 128, 256]}[rt.mode]
-tflops = [runtime.measure_matmul_tflops(rt.device, rt.dtype, n) for n in sizes]
+from moe_lab.config import notebook_sizes
+
+sizes = notebook_sizes("00", rt.mode)["matmul_n"]  # matrix sizes for this mode
+from moe_lab import profiling
+
+tflops = [profiling.measure_matmul_tflops(rt.device, rt.dtype, n) for n in sizes]  # the timer of notebook 07
 for n, t in zip(sizes, tflops):
     print(f"n={n:5d}: {t * 1000:9.1f} GFLOP/s")
 assert all(t > 0 for t in tflops)

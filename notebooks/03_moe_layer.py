@@ -245,24 +245,22 @@ plt.show()
 # ## 6. One layer, two back-ends, the same function
 #
 # `MoELayer.backend` picks how experts run: `"reference"` (the loop) or `"sorted"`; notebook 06 adds
-# `"triton"`. Outputs *and gradients* must agree:
+# `"triton"` (`moe_lab.model.expert_backends` lists them all, and says which can run here). Outputs
+# *and gradients* must agree. `expert_backends.layer_agreement` runs the layer under each back-end
+# with the same input and loss, and compares the output and the gradient of every parameter:
 
 # %%
+from moe_lab.model import expert_backends
+
 runtime.seed_everything(0)
 layer = MoELayer(32, MoEConfig(n_experts=6, top_k=2, d_expert=16, n_shared=1, router="sigmoid",
                                balance="aux_loss", z_loss_coef=1e-3)).double()
 x = torch.randn(3, 20, 32, dtype=torch.float64)
-results = {}
-for backend in ["reference", "sorted"]:
-    layer.zero_grad()
-    layer.backend = backend
-    out = layer(x)
-    (out.square().mean() + layer.aux_loss).backward()
-    results[backend] = (out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
-out_err = (results["reference"][0] - results["sorted"][0]).abs().max().item()
-grad_err = max((results["reference"][1][n] - results["sorted"][1][n]).abs().max().item() for n in results["sorted"][1])
-print(f"largest difference: outputs {out_err:.2e}, gradients {grad_err:.2e}")
-assert out_err < 1e-12 and grad_err < 1e-12
+# the output and every parameter's gradient (of mean(y^2) + aux loss) under "sorted", against "reference"
+(row,) = expert_backends.layer_agreement(layer, x, ["sorted"])
+print(f"largest relative difference: outputs {row['output']:.2e}, gradients {row['gradient']:.2e} "
+      f"(worst: {row['worst_parameter']})")
+assert row["output"] < 1e-12 and row["gradient"] < 1e-12
 
 # %% [markdown]
 # ## 7. Where do tokens go?

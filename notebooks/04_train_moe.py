@@ -26,7 +26,7 @@
 # - which tokens each expert prefers
 # - the wall-clock price of dispatching tokens to experts: the motivation for the kernels of 05–07
 #
-# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~3 min · GPU: not yet measured.
+# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~5 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -105,14 +105,18 @@ checks.check_masked_loss(masked_loss)  # the same as the loss of moe_lab.model.T
 # %% [markdown]
 # ## 2. Train all three on the same batches
 #
-# Data: Python source and additions (notebook 01), drawn 40 / 60. The additions mix operands of
+# Data: Python source and additions (notebook 01), drawn 20 / 80. The additions mix operands of
 # 1, 2 and 3 digits equally (`course_training_task()`): short problems are learned first and carry
 # the model towards long ones. Each model sees exactly
 # the same batches (same seed). Training times exclude evaluation.
+#
+# While the MoE trains, an `AccuracySnapshot` looks in now and then: it asks the model 200
+# *training* problems and keeps a copy of its weights the first time it gets 65 % of them right.
+# Section 7 explains why GRPO (notebook 08) starts from that snapshot rather than from the end.
 
 # %%
 from moe_lab.data import batch_fn, course_mixture, course_task
-from moe_lab.train import train
+from moe_lab.train import AccuracySnapshot, train
 
 mixture, task = course_mixture(), course_task()
 models, histories = {}, {}
@@ -120,7 +124,9 @@ for name, cfg in configs.items():
     runtime.seed_everything(0)
     models[name] = Transformer(cfg).to(rt.device)
     batches = batch_fn(mixture, p.train.batch_size, p.train.seq_len, seed=0, device=rt.device)
-    histories[name] = train(models[name], batches, p.train, desc=name)
+    if name == "moe":
+        snapshot = AccuracySnapshot(models[name], task)  # (see section 7)
+    histories[name] = train(models[name], batches, p.train, desc=name, on_step=snapshot if name == "moe" else None)
 for name, h in histories.items():
     print(f"{name:>18}: val loss {h.final_val_loss:.3f}, {h.time[-1]:.0f} s, {1000 * h.time[-1] / len(h.step):.0f} ms/step")
 
@@ -136,7 +142,7 @@ import matplotlib.pyplot as plt
 from moe_lab.plots import plot_loss_curves
 
 pair = {k: histories[k] for k in ("dense", "moe")}
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
 plot_loss_curves(pair, x="step", ax=ax1, title="validation loss per step")
 plot_loss_curves(pair, x="time", ax=ax2, title="validation loss per second of training")
 plt.show()
@@ -155,21 +161,13 @@ assert moe_h.final_val_loss < dense_h.final_val_loss  # per step, the MoE wins a
 
 # %%
 import numpy as np
-from moe_lab.plots import imbalance_curve, plot_load_over_time
+from moe_lab.plots import imbalance_curve, plot_balance_comparison
 
-fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
-plot_load_over_time(histories["moe, no balancing"], layer=0, ax=axes[0], title="layer 0, no balancing")
-plot_load_over_time(histories["moe"], layer=0, ax=axes[1], title="layer 0, aux-loss-free bias")
-for name in ("moe, no balancing", "moe"):
-    axes[2].plot(imbalance_curve(histories[name]), label=name, alpha=0.8)
-axes[2].set_xlabel("optimiser step")
-axes[2].set_ylabel("max load / mean load")
-axes[2].set_title("imbalance (1 = perfect)")
-axes[2].legend()
+plot_balance_comparison({"no balancing": histories["moe, no balancing"], "aux-loss-free bias": histories["moe"]}, layer=0)
 plt.show()
 from moe_lab.plots import plot_expert_load
 
-fig, axes = plt.subplots(1, 2, figsize=(12, 2.5))
+fig, axes = plt.subplots(1, 2, figsize=(12, 2.5), layout="constrained")
 for ax, name in zip(axes, ("moe, no balancing", "moe")):
     last = torch.stack(histories[name].load[-50:]).sum(0)  # (layers, E): the last 50 steps
     plot_expert_load(last, ax=ax, title=f"{name}: load per layer, last 50 steps")
@@ -215,8 +213,10 @@ ax.set_title("where each kind of character is routed")
 plt.colorbar(im, ax=ax, label="share of its assignments")
 plt.show()
 digit_top = share[0].max()
-print(f"the expert digits prefer takes {digit_top:.0%} of their assignments (uniform routing: {1 / E:.0%})")
-assert digit_top > 1.5 / E  # digits concentrate on some experts more than uniform routing would
+apart = 0.5 * np.abs(share[0] - share[1]).sum()  # total variation: 0 = the same experts, 1 = none in common
+print(f"the expert digits prefer takes {digit_top:.0%} of their assignments (uniform routing: {1 / E:.0%}); "
+      f"digits and letters are routed {apart:.0%} apart (total variation; 0 = the same experts)")
+assert apart > 0.3  # digits and letters go to different experts (0.47-0.70 in 4 runs of this recipe, README)
 
 # %% [markdown]
 # ## 6. The price of dispatch: loop versus sorted
@@ -268,51 +268,91 @@ plt.show()
 # ## 7. Exact match on held-out problems, and the checkpoint for GRPO
 #
 # Greedy answers to 300 held-out **3-digit** additions (`course_task()`, the family GRPO will use),
-# whose operand pairs the model never saw. Notebook 08 starts from this model, so save it
-# (atomically, with its config beside it).
+# whose operand pairs the model never saw:
 
 # %%
-from pathlib import Path
-from moe_lab.checkpoint import load_checkpoint, save_checkpoint
 from moe_lab.evaluation import exact_match, solve
 
 acc = exact_match(moe, task, n=300)
 problems = task.problems(6, "heldout", seed=7)
 for prob, completion in zip(problems, solve(moe, problems)):
     print(f"{prob.prompt}{completion.strip():<6} {'✓' if task.verify(completion, prob) else '✗'} (true answer {prob.answer})")
-print(f"held-out exact match of this run: {acc:.0%}")
-path = save_checkpoint(Path("runs") / f"moe_04_{rt.mode}.pt", moe,
-                       extra={"val_loss": moe_h.final_val_loss, "heldout_exact_match": acc, "mode": rt.mode})
-reloaded, extra = load_checkpoint(path, expected=p.moe)
-assert exact_match(reloaded, task, n=100) == exact_match(moe, task, n=100)  # the checkpoint is the model
-if rt.mode != "ci":
+print(f"held-out exact match at the end of training: {acc:.0%}")
+if rt.mode != "ci":  # 10 runs of this recipe (5 seeds x 1 and 2 threads) all ended above 85 % (README)
     assert acc >= 0.5, f"held-out exact match {acc:.0%} < 50%"
 
 # %% [markdown]
-# The course also ships a checkpoint made by its own training command
-# (`python -m moe_lab.train --preset cpu --out data/checkpoints/moe_cpu.pt`), so notebook 08 works
-# even if this notebook was never run. Check it is what it claims:
+# A model that solves nearly everything leaves reinforcement learning nothing to learn from: GRPO
+# learns from groups of answers in which some are right and some wrong (notebook 08). So GRPO starts
+# from the snapshot taken when the model first answered 65 % of the check set right. The curve
+# shows why a snapshot *by accuracy* and not a fixed number of steps: the rise is steep, and *when*
+# it comes changes with the seed, the number of threads and the CPU (a step count that lands at
+# 70 % on one machine can land at 30 % on another); the snapshot lands at the same height of the
+# rise wherever it comes. Only training problems are used to choose it: held-out ones stay unseen.
 
 # %%
-from moe_lab.data.corpus import data_dir
+checks_at = snapshot.checks
+fig, ax = plt.subplots(figsize=(6, 3.2))
+ax.plot([s for s, _ in checks_at], [a for _, a in checks_at], "o-", ms=3, label="check set: 200 training problems")
+ax.axhline(snapshot.target, color="grey", ls=":", lw=1, label=f"target {snapshot.target:.0%}")
+if snapshot.step is not None:
+    ax.axvline(snapshot.step, color="C3", lw=1, label=f"snapshot for GRPO (step {snapshot.step})")
+ax.plot([p.train.steps], [acc], "s", color="C2", label=f"held-out, end of training ({acc:.0%})")
+ax.set(xlabel="optimiser step", ylabel="greedy exact match", title="3-digit additions: a steep rise")
+ax.legend(fontsize=8)
+plt.show()
 
-shipped_path = data_dir() / "checkpoints" / "moe_cpu.pt"
-if shipped_path.exists():
+# %% [markdown]
+# Save the snapshot (one safetensors file holding the weights, with the config and these figures in
+# its metadata, written atomically: a crash never leaves half a file) and check the file is the model:
+
+# %%
+from pathlib import Path
+from moe_lab.checkpoint import load_checkpoint, save_checkpoint
+
+if snapshot.step is not None:
+    start = snapshot.model_copy()
+    start_acc = exact_match(start, task, n=300)
+    print(f"snapshot at step {snapshot.step}: held-out exact match {start_acc:.0%} (end of training {acc:.0%})")
+    path = save_checkpoint(Path("runs") / f"moe_04_{rt.mode}.safetensors", start,
+                           extra={"snapshot_step": snapshot.step, "heldout_exact_match": start_acc, "mode": rt.mode})
+    reloaded, extra = load_checkpoint(path, expected=p.moe)
+    assert exact_match(reloaded, task, n=100) == exact_match(start, task, n=100)  # the checkpoint is the model
+    if rt.mode != "ci":  # often right, and room for GRPO: 10 runs (5 seeds x 1 and 2 threads) gave 55-72 % (README)
+        assert 0.45 <= start_acc < 0.8, f"snapshot's held-out exact match {start_acc:.0%}: expected 45-80 %"
+else:  # the ci preset is too short to reach the target
+    print(f"the check set never reached {snapshot.target:.0%} in {p.train.steps} steps (last checks: {checks_at[-3:]})")
+
+# %% [markdown]
+# The course's own training command, `python -m moe_lab.train --preset cpu --out
+# data/checkpoints/moe_cpu.safetensors`, does exactly what this notebook did for the MoE (same preset, seed
+# 0, same batches, same snapshot rule) and ships its snapshot: notebook 08 starts from that file, so it
+# works even if this notebook was never run. Where the file is missing (on Colab, the package comes
+# without the repository's `data/` folder), notebook 08 runs the same command itself. On the same
+# machine with the same number of threads, the shipped snapshot and yours are the same weights.
+# `shipped_checkpoint()` finds it (an earlier `.pt` one too). Check it is what it claims:
+
+# %%
+from moe_lab.checkpoint import shipped_checkpoint
+
+shipped_path = shipped_checkpoint("moe_cpu")
+if shipped_path is not None:
     shipped, figures = load_checkpoint(shipped_path, expected=preset("cpu").moe)
     shipped_acc = exact_match(shipped, task, n=300)
-    print(f"shipped checkpoint: {figures['steps']} steps, recorded exact match {figures['heldout_exact_match']:.0%}, "
-          f"measured now {shipped_acc:.0%}")
-    assert shipped_acc >= 0.5
+    print(f"shipped checkpoint: snapshot at step {figures['snapshot_step']} of {figures['steps']}, recorded held-out "
+          f"exact match {figures['heldout_exact_match']:.0%}, measured now {shipped_acc:.0%}")
+    assert 0.45 <= shipped_acc < 0.8
 else:  # e.g. on Colab, where the package is installed without the repository's data/ folder
-    print(f"no shipped checkpoint at {shipped_path}: notebook 08 will use this notebook's runs/ checkpoint")
+    print("no shipped checkpoint in data/checkpoints/: notebook 08 will run the course's training command itself")
 
 # %% [markdown]
 # ## Summary
 # - At equal active parameters the MoE reaches a lower validation loss per step than the dense model.
 # - Per second it pays for dispatch: at this size neither the loop nor the sorted back-end closes the gap; fused kernels are next.
 # - DeepSeek-V3's bias rule keeps expert load balanced without an auxiliary loss.
-# - Experts specialise: kinds of characters concentrate on particular experts.
-# - The trained model solves most held-out 3-digit additions, leaving room for GRPO (notebook 08), and is saved.
+# - Experts specialise: digits and letters are routed to largely different experts.
+# - The trained model solves most held-out 3-digit additions; the snapshot taken when it first solved 65 % of a
+#   check set, at the same height of a steep rise on any machine, leaves room for GRPO (notebook 08) and is saved.
 #
 # ## Papers and further reading
 # - Fedus, Zoph, Shazeer. *Switch Transformers* (2021): quality per step vs per second.

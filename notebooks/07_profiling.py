@@ -34,7 +34,7 @@
 # - arithmetic intensity, and how it grows with the number of tokens until a layer becomes compute-bound
 # - measuring the two ceilings of a machine, and drawing a roofline with measured points
 # - timing on a GPU (`triton.testing.do_bench`) and on a CPU (medians after a warm-up)
-# - reading a `torch.profiler` table, and what autotuning chooses and why
+# - reading a `torch.profiler` table; kernel configurations tuned ahead per device, and what each knob buys
 # - explaining the gap between each back-end and its ceiling
 #
 # **Prerequisites**: notebooks 03 (the expert back-ends), 05 (arithmetic intensity, tiles) and 06
@@ -92,6 +92,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_lab import bench, plots, profiling
+from moe_lab.config import notebook_sizes
 from moe_lab.model.experts import experts_reference, experts_sorted
 
 T, d, f, E, k = 37, 16, 24, 6, 2
@@ -240,8 +241,8 @@ for backend in ("minimal", "triton", "grouped_mm", "sorted", "reference"):
 dev = rt.device
 if not rt.on_gpu:
     torch.set_num_threads(1)  # steadier medians for small ops on a shared CPU; the ceilings use the same
-sizes = {"ci": dict(matmul_n=512, copy_bytes=16 << 20), "cpu": dict(matmul_n=1024, copy_bytes=64 << 20), "gpu": {}}
-ceil = profiling.measure_ceilings(dev, rt.dtype, **sizes[rt.mode])
+sizes = notebook_sizes("07", rt.mode)
+ceil = profiling.measure_ceilings(dev, rt.dtype, **sizes["ceilings"])
 unit, scale = ("TFLOP/s", 1e12) if rt.on_gpu else ("GFLOP/s", 1e9)
 print(f"{ceil.device}, {ceil.dtype}")
 print(f"  compute roof: {ceil.peak_flops / scale:8.2f} {unit}  ({ceil.matmul_n}^3 matmul)")
@@ -276,11 +277,8 @@ checks.check_roofline(roofline)
 # layer, every back-end.
 
 # %%
-live_cfg = {
-    "ci": dict(shapes=["tiny"], tokens=[64, 512], backends=["reference", "sorted", "grouped_mm", "dense"]),
-    "cpu": dict(shapes=["tiny", "teaching"], tokens=[64, 512], backends=["reference", "sorted", "grouped_mm", "dense"]),
-    "gpu": dict(shapes=["teaching", "fine"], tokens=[128, 2048, 8192], backends=list(bench.BACKENDS)),
-}[rt.mode]
+live_cfg = dict(sizes["live_bench"],
+                backends=[b for b in bench.BACKENDS if rt.on_gpu or b != "triton"])  # no interpreter timings
 live = bench.run(live_cfg["shapes"], live_cfg["tokens"], live_cfg["backends"], ["forward"], dev, rt.dtype, ceil,
                  warmup=1, repeats=3, progress=False)
 print(profiling.summarize(live))
@@ -358,9 +356,9 @@ assert top and (rt.on_gpu or "aten::mm" in [r.name for r in top])
 #   or (N, d) tensor in memory, with almost no FLOPs: memory-bound.
 # - `aten::cat`, `aten::scatter_add_` (what `index_add` runs on a CPU), `aten::zeros`: stitching
 #   the expert outputs together, and the combine. More data movement.
-# - `aten::sort` (from `argsort`), `aten::bincount`: the routing metadata. `aten::min` and
-#   `aten::max` come from the input check of `expert_idx`'s range. These are small, but on a GPU
-#   such reductions and `.tolist()` make the CPU wait for the GPU (a host synchronisation).
+# - `aten::sort` (from `argsort`), `aten::bincount`: the routing metadata. `aten::aminmax` comes
+#   from the input check of `expert_idx`'s range. These are small, but on a GPU such reductions and
+#   `.tolist()` make the CPU wait for the GPU (a host synchronisation).
 #
 # Everything that is not a matmul is the overhead that fusion removes. The Triton path of notebook
 # 06 reduces it to a handful of kernels: the routing sort, `moe_up_kernel`, `moe_down_kernel` and
@@ -377,81 +375,152 @@ else:
           "a profile would show NumPy calls, not kernels.")
 
 # %% [markdown]
-# ## 7. Autotuning's choice
+# ## 7. Configurations: tuned ahead, looked up at run time
 #
-# A Triton GEMM kernel has free parameters: the tile sizes (BLOCK_N, BLOCK_K), the number of warps
-# (how many threads a program has), and `num_stages` (how many K-steps of tiles are loaded ahead,
-# to hide memory latency). No setting is best for every shape. `triton.autotune` times each listed
-# configuration the first time a kernel meets a new *key* (here `d`, `f` and `BLOCK_M`), keeps the
-# fastest, and reuses it for that key afterwards. Here is the list the expert kernels tune over, as
-# written in `moe_lab/kernels/moe_gemm.py`:
-
-# %%
-import ast
-import inspect
-
-from moe_lab.kernels import INTERPRETED, moe_gemm  # after runtime.setup(): it imports triton
-
-
-def listed_configs(module, name):
-    """The GPU configurations passed to _configs(...) for `name`, read from the module's source."""
-    tree = ast.parse(inspect.getsource(module))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
-            gpu = next(kw.value for kw in node.value.keywords if kw.arg == "gpu")
-            return [{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords} for call in gpu.elts]
-    raise LookupError(name)
-
-
-gpu_configs = listed_configs(moe_gemm, "ROW_BLOCK_CONFIGS")
-print("configurations used here:", [c.all_kwargs() for c in moe_gemm.ROW_BLOCK_CONFIGS],
-      "(the interpreter's single one)" if INTERPRETED else "")
-print("GPU list:", *gpu_configs, sep="\n  ")
-assert len(gpu_configs) >= 2 and all({"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(c) for c in gpu_configs)
-
-# %% [markdown]
-# What each choice trades, for the up-projection of the fine-grained layer at 8192 tokens
-# (N = 65536 routed rows, d = 2048, f = 768, BLOCK_M = 64, bf16). A program loads one
-# BLOCK_M×BLOCK_K tile of x and two BLOCK_K×BLOCK_N tiles of w1 and w3 per K-step, and does
-# 2·2·BLOCK_M·BLOCK_N·BLOCK_K FLOPs with them:
+# A Triton GEMM kernel has free parameters that do not change *what* it computes, only how fast:
+# the tile (BLOCK_M × BLOCK_N), the reduction step BLOCK_K, the program order GROUP_M (how many
+# row blocks walk the column tiles together), the number of warps (threads per program) and
+# `num_stages` (how many K-steps of tiles are loaded ahead, to hide memory latency). In the expert
+# kernels BLOCK_M is the layout's row block, shared by every row-block kernel of one call.
+#
+# `triton.autotune` picks them by timing a list of candidates the first time a kernel meets a new
+# shape. That costs a compile and a timing per candidate before the first result: on the course's
+# first GPU run, every GPU test that used a new shape waited about 17 s for it. So the course does
+# what vLLM and SGLang do for their fused-MoE kernels: `python -m moe_lab.tune` times the whole
+# search space once per device, on the course's layer shapes and a grid of token counts, and writes
+# `moe_lab/kernels/configs/<device>.json`. At run time `config_table.choose` looks up the nearest
+# bucket: no timing, one compile per configuration. A GPU without a table gets a documented
+# heuristic that fits its shared memory. Here is the search space of the up-projection kernel at a
+# row block of 64, and what each candidate trades, for the fine-grained layer at 8192 tokens
+# (N = 65536 routed rows, d = 2048, f = 768, bf16). A program loads one BLOCK_M × BLOCK_K tile of x
+# and two BLOCK_K × BLOCK_N tiles of w1 and w3 per K-step, and does 2·2·BLOCK_M·BLOCK_N·BLOCK_K FLOPs
+# with them:
 #
 # - larger BLOCK_N: more FLOPs per byte loaded (each x tile serves more columns), but fewer
 #   programs and more accumulator registers per thread;
 # - more stages: more tiles in shared memory at once, so more memory latency hidden, until shared
-#   memory runs out (an H100 SM has 228 KB);
+#   memory runs out (an H100 block may use 227 KiB);
 # - more warps: more threads share the accumulators (fewer registers each), at the cost of more
 #   synchronisation.
 
 # %%
+from moe_lab.kernels import INTERPRETED, config_table, moe_gemm  # after runtime.setup(): it imports triton
+
+space = config_table.space("up", block_m=64)
 N_rows, d_f, f_f, bm = 8192 * 8, 2048, 768, 64
 n_blocks = N_rows // bm + 128  # rows per expert are padded to whole blocks: at most one extra block per expert
-print(f"{'BLOCK_N BLOCK_K warps stages':28s} {'programs':>9s} {'FLOP/byte':>10s} {'smem KB':>8s} {'acc regs/thread':>16s}")
-for c in gpu_configs:
-    bn, bk, warps, stages = c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]
-    programs = n_blocks * -(-f_f // bn)
-    tile_bytes = (bm * bk + 2 * bk * bn) * 2  # x tile + w1 and w3 tiles, bf16
-    flop_per_byte = 2 * 2 * bm * bn * bk / tile_bytes
-    smem_kb = stages * tile_bytes / 1024
-    acc_regs = 2 * bm * bn / (warps * 32)  # two fp32 accumulators (x@w1, x@w3) spread over the threads
-    print(f"{bn:7d} {bk:7d} {warps:5d} {stages:6d}  {programs:9d} {flop_per_byte:10.1f} {smem_kb:8.0f} {acc_regs:16.0f}")
+print(f"{len(space)} candidates for the up kernel at BLOCK_M = 64; the first twelve:")
+print(f"{'BLOCK_N BLOCK_K GROUP_M warps stages':36s} {'programs':>9s} {'FLOP/byte':>10s} {'smem KiB':>9s} {'acc regs/thread':>16s}")
+for c in space[:12]:
+    programs = n_blocks * -(-f_f // c.BLOCK_N)
+    tile_bytes = (bm * c.BLOCK_K + 2 * c.BLOCK_K * c.BLOCK_N) * 2  # x tile + w1 and w3 tiles, bf16
+    flop_per_byte = 2 * 2 * bm * c.BLOCK_N * c.BLOCK_K / tile_bytes
+    smem = config_table.shared_memory_bytes("up", c, "bfloat16")
+    print(f"{c.BLOCK_N:7d} {c.BLOCK_K:7d} {c.GROUP_M:7d} {c.num_warps:5d} {c.num_stages:6d}   {programs:9d} "
+          f"{flop_per_byte:10.1f} {smem / 1024:9.0f} {config_table.accumulator_registers('up', c):16.0f}")
+assert all(config_table.shared_memory_bytes("up", c, "bfloat16") <= 227 * 1024 for c in space)
 
 # %% [markdown]
-# No row wins every column, and that is why the kernels are tuned by measurement. Which row wins
-# on an H100 can only be answered there. On a GPU the next cell shows what autotuning picked for
-# each key it met during the live benchmark above. On a CPU it says so and stops.
+# No row wins every column, which is why the kernels are tuned by measurement. Where no table exists
+# (a T4 on Colab, say, with 64 KiB of shared memory per block and no bfloat16), the heuristic starts
+# from 128-column tiles and 64-wide steps and takes the deepest pipeline that fits, shrinking the
+# tiles if none does (`config_table.heuristic`, documented rule). What it picks for the up kernel on
+# GPUs it knows by name, in each GPU's 16-bit dtype:
 
 # %%
-if rt.on_gpu and moe_gemm.AUTOTUNE:
-    for kernel_name in ("moe_up_kernel", "moe_down_kernel"):
-        tuner = getattr(moe_gemm, kernel_name)
-        for key, cfg in tuner.cache.items():
-            print(f"{kernel_name} key {key}: picked {cfg.all_kwargs()}")
-        timings = getattr(tuner, "configs_timings", None) or {}
-        for cfg, ms in timings.items():
-            print(f"    last tuning: {cfg.all_kwargs()} -> {ms}")
+rows_fine = config_table.rows_per_expert(8192, 8, 128)
+print(f"{'GPU':6s} {'smem/block':>10s}  {'chosen (BLOCKs, GROUP_M, warps, stages)':42s} {'needs':>8s}")
+for gpu_name in ("T4", "A10", "A100", "H100"):
+    lim = config_table.known_device(gpu_name)
+    dt = "bfloat16" if lim.has_bfloat16 else "float16"
+    c = config_table.heuristic("up", dt, lim, rows_fine)
+    need = config_table.shared_memory_bytes("up", c, dt)
+    print(f"{gpu_name:6s} {lim.shared_memory // 1024:7d} KiB  {c.short():42s} {need / 1024:5.0f} KiB")
+    assert need <= lim.shared_memory
+
+# %% [markdown]
+# Which tables ship with the course, and what this machine uses for the fine-grained layer at 8192
+# tokens (forward). On a GPU the answer comes from its table, or from the heuristic where there is
+# none; under the interpreter every kernel has one small configuration.
+
+# %%
+from moe_lab.kernels.moe_gemm import kernel_choice
+
+tables = sorted(config_table.CONFIG_DIR.glob("*.json"))
+for path in tables:
+    t = config_table.load_table(str(path))
+    print(f"{path.name}: {t['device']}, {t['date'][:10]}, triton {t['triton']}, {len(t['buckets'])} buckets\n  {t['command']}")
+if not tables:
+    print("No tuned table ships yet: every GPU uses the heuristic.")
+choice = kernel_choice(rt.dtype, dev, 2048, 768, 128, 8, 8192, training=False)
+print("\nthis machine:", config_table.describe(choice))
+
+# %% [markdown]
+# Autotuning is still one environment variable away (`MOE_LAB_TRITON_AUTOTUNE=1` makes every expert
+# kernel tune over a short list), and it is the right tool for a shape the table does not know. On a
+# GPU the next cell runs it on the up kernel for one shape and shows what it measured and picked,
+# next to the table's choice. On a CPU it explains and stops.
+
+# %%
+if rt.on_gpu:
+    from moe_lab.kernels.moe_routing import moe_align
+
+    s_f = bench.SHAPES["fine"]
+    inp_t = bench.make_inputs(s_f, 2048, dev, rt.dtype)
+    al = moe_align(inp_t["expert_idx"], s_f.n_experts, 64)
+    tuner = moe_gemm.autotuned("up", moe_gemm.moe_up_kernel, ["d", "f", "BLOCK_M"], block_m=64)
+    h_out = torch.empty(al.max_rows, s_f.d_expert, device=dev, dtype=rt.dtype)
+    w1_, w3_, x_ = inp_t["w1"], inp_t["w3"], inp_t["x"]
+    tuner[lambda meta: moe_gemm.row_grid(al.max_blocks, s_f.d_expert, meta["BLOCK_N"])](
+        x_, w1_, w3_, h_out, h_out, h_out, al.sorted_ids, al.block_expert, al.n_assignments, al.max_blocks,
+        s_f.d_model, s_f.d_expert, x_.stride(0), x_.stride(1), w1_.stride(0), w1_.stride(1), w1_.stride(2),
+        h_out.stride(0), h_out.stride(1), top_k=al.top_k, SAVE_PREACT=False, DOT_PRECISION="tf32", BLOCK_M=64)
+    for cfg_, ms_ in (getattr(tuner, "configs_timings", None) or {}).items():
+        print(f"  autotune timed {cfg_.all_kwargs()} -> {ms_}")
+    print("autotune picked:", tuner.best_config.all_kwargs())
+    table_cfg = moe_gemm.config_for("up", al, rt.dtype, dev, s_f.d_model, s_f.d_expert)
+    t_table = profiling.bench_ms(lambda: moe_gemm.moe_up(x_, w1_, w3_, al, config=table_cfg), dev)
+    print(f"the table's choice {table_cfg.short()}: {t_table:.3f} ms")
 else:
-    print("Autotuning runs only for kernels compiled on a GPU" + (" (MOE_LAB_TRITON_AUTOTUNE=0 turned it off)"
-          if rt.on_gpu else "; under the interpreter each kernel has one configuration."))
+    print("Autotuning runs only for kernels compiled on a GPU; under the interpreter each kernel has one "
+          "configuration (config_table.INTERPRETER_CONFIG).")
+
+# %% [markdown]
+# **What each choice bought, measured.** The tuner keeps every timing it took. The course commits
+# them for the recorded GPU (`data/tune/<device>.json`), so the effect of each knob can be read off
+# one run: for every kernel and bucket, the best time among the configurations with a given value of
+# the knob. A ratio above 1 means that value was slower than the best overall. This is how the
+# improvements of notebook 06's kernels were chosen: by measurement, knob by knob.
+
+# %%
+import json
+from pathlib import Path
+
+from moe_lab import tune
+
+tune_files = sorted((Path(profiling.__file__).resolve().parents[1] / "data" / "tune").glob("*.json"))
+if not tune_files:
+    print("No recorded tuning run yet (data/tune/*.json): `python -m moe_lab.tune --timings data/tune/<device>.json` "
+          "on a GPU writes one.")
+for path in tune_files:
+    rec = json.loads(path.read_text())
+    rows_ = [r for r in rec["timings"] if r["ms"] is not None]
+    print(f"{path.name}: {rec['device']}, {rec['date'][:10]} ({len(rows_)} timings)")
+    knobs = {"GROUP_M": "GROUP_M", "BLOCK_N": "BLOCK_N", "num_stages": "num_stages", "block_m": "block_m"}
+    fig, axes_k = plt.subplots(1, len(knobs), figsize=(16, 3.2))
+    for ax_k, (knob, key) in zip(axes_k, knobs.items()):
+        effect = tune.knob_effect(rows_, key)
+        for kernel, per_value in effect.items():
+            vals = sorted(per_value)
+            ax_k.plot([str(v) for v in vals], [per_value[v] for v in vals], marker="o", label=kernel)
+        ax_k.axhline(1.0, color="k", lw=0.8)
+        ax_k.set_title(f"{knob}: best time / best overall", fontsize=9)
+        ax_k.set_xlabel(knob)
+    axes_k[0].set_ylabel("geometric mean over buckets")
+    axes_k[-1].legend(fontsize=7)
+    fig.suptitle(f"tuned on {rec['device']}, {rec['date'][:10]}", fontsize=10)
+    fig.tight_layout()
+    plt.show()
 
 # %% [markdown]
 # ## 8. The gap, explained
@@ -493,11 +562,50 @@ for rec in records:
 # - **triton** gathers x inside the GEMM, applies SwiGLU and the routing weight in the epilogues, and
 #   writes only h and one (N, d) buffer. What remains: padding rows (up to BLOCK_M − 1 per
 #   expert, which is costly for 128 small experts at few tokens), the separate combine pass, and
-#   tile shapes chosen from a short list.
+#   at few tokens the fixed cost of launches.
 # - **dense** has none of these costs: one matmul, no routing. At few tokens it also reads far fewer
 #   weight bytes, since it holds only one (d, 3f) matrix instead of E experts. Compare the expert
 #   back-ends with it where all of them are compute-bound, at 8192 tokens and more.
 #
+# **Before and after, on one GPU.** Where the repository holds several recorded runs of one device
+# (each names its commit), the next cell puts the `triton` back-end of each next to the others, and
+# next to `torch._grouped_mm` and the dense matmul of the newest run: what the changes of notebook
+# 06, section 9, bought at each token count.
+
+# %%
+by_device = {}
+for rec in records:
+    by_device.setdefault(rec["device"], []).append(rec)
+compared = False
+for device_name, recs in by_device.items():
+    if len(recs) < 2:
+        continue
+    compared = True
+    recs = sorted(recs, key=lambda r: r["date"])
+    fig, axes_b = plt.subplots(1, 2, figsize=(13, 3.8))
+    for ax_b, mode in zip(axes_b, ("forward", "forward+backward")):
+        for i, rec in enumerate(recs):
+            pts = sorted((r["tokens"], r["tflops"]) for r in profiling.ok_results(rec, shape="fine", backend="triton",
+                                                                                  **{"pass": mode}))
+            if pts:
+                ax_b.plot(*zip(*pts), marker="o", ms=3, label=f"triton, commit {rec.get('commit') or rec['date'][:10]}",
+                          color=plots.backend_color("triton"), alpha=0.35 + 0.65 * i / (len(recs) - 1))
+        for other in ("grouped_mm", "dense"):
+            pts = sorted((r["tokens"], r["tflops"]) for r in profiling.ok_results(recs[-1], shape="fine", backend=other,
+                                                                                  **{"pass": mode}))
+            if pts:
+                ax_b.plot(*zip(*pts), ls="--", color=plots.backend_color(other), label=f"{other} (newest run)")
+        ax_b.set_xscale("log", base=2)
+        ax_b.set_xlabel("tokens")
+        ax_b.set_ylabel("TFLOP/s")
+        ax_b.set_title(f"fine-grained layer, {mode}: {device_name}", fontsize=9)
+        ax_b.legend(fontsize=7)
+    fig.tight_layout()
+    plt.show()
+if not compared:
+    print("No device has two recorded runs yet: nothing to compare.")
+
+# %% [markdown]
 # Public reference points for the same kernels: SGLang's and vLLM's fused-MoE Triton kernels ship
 # benchmark scripts (SGLang `benchmark/kernels/fused_moe_triton`, vLLM
 # `benchmarks/kernels/benchmark_moe.py`). Liger Kernel's paper (Hsu et al., 2024) reports its fused
@@ -515,8 +623,8 @@ for rec in records:
 # - A **roofline** from *measured* ceilings (a large matmul, a large copy) turns a timing into a
 #   fraction of what the machine allows at that intensity.
 # - `triton.testing.do_bench` (GPU) and medians after a warm-up (CPU) time kernels. `torch.profiler`
-#   shows where the time goes. **Autotuning** picks tile sizes, warps and stages by timing each
-#   candidate once per shape key.
+#   shows where the time goes. Tile sizes, program order, warps and stages are **tuned ahead** per
+#   device (`python -m moe_lab.tune`) and looked up at run time; autotuning stays one switch away.
 # - `python -m moe_lab.bench` measures all of this. `--record` on a GPU writes the figures this
 #   notebook plots; `python -m moe_lab.gpu_suite` runs every GPU test and benchmark in one call.
 #

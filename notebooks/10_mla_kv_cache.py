@@ -148,14 +148,13 @@ assert torch.allclose(step_by_step, full, atol=1e-5)
 # %%
 import copy
 
-from moe_lab.checkpoint import load_checkpoint
+from moe_lab.checkpoint import load_checkpoint, shipped_checkpoint
 from moe_lab.config import preset
 from moe_lab.data import TOKENIZER, course_task
-from moe_lab.data.corpus import data_dir
 
 task = course_task()
-ckpt = data_dir() / "checkpoints" / "moe_cpu.pt"
-if ckpt.exists():
+ckpt = shipped_checkpoint("moe_cpu")  # data/checkpoints/moe_cpu.safetensors, None if absent
+if ckpt is not None:
     model, _ = load_checkpoint(ckpt, expected=preset("cpu").moe, device=rt.device)
     print(f"loaded {ckpt.name}")
 else:
@@ -222,8 +221,10 @@ assert dropped_train > 0 and dropped_eval == 0 and same
 # %%
 from moe_lab import bench_generate
 
-contexts = {"ci": [16, 64, 256], "cpu": [16, 32, 64, 128, 256, 512, 1024],
-            "gpu": [16, 64, 256, 1024, 2048, 4096]}[rt.mode]
+from moe_lab.config import notebook_sizes
+
+sizes = notebook_sizes("10", rt.mode)  # this notebook's sizes per mode, beside the presets
+contexts = list(sizes["contexts"])
 per_token = bench_generate.per_token_times(model.cfg, contexts, batch=1, repeats=3, device=rt.device)
 fig, ax = plt.subplots(figsize=(6, 3.6))
 ax.plot(contexts, [r["uncached_ms"] for r in per_token], "o-", label="no cache: forward over the whole context")
@@ -428,7 +429,7 @@ for name, cfg in cfgs.items():
 # (1500 steps each, about 9 minutes on 2 cores):
 
 # %%
-live_steps = {"ci": 150, "cpu": 500, "gpu": 1000}[rt.mode]
+live_steps = sizes["live_steps"]
 live_train = replace(p.train, steps=live_steps, eval_every=max(1, live_steps // 5))
 live = {name: train_one(cfg, live_train, seed=0, device=rt.device, desc=name, exact_match_problems=0)
         for name, cfg in cfgs.items()}
@@ -500,7 +501,7 @@ import random
 rng = random.Random(0)
 grpo_problems = [task.sample(rng, "train") for _ in range(32)]
 roll = bench_generate.rollout_times(model, grpo_problems, group_size=8, temperature=0.7,
-                                    max_new_tokens=task.max_answer_len + 2, repeats={"ci": 3, "cpu": 7, "gpu": 7}[rt.mode])
+                                    max_new_tokens=task.max_answer_len + 2, repeats=sizes["rollout_repeats"])
 print(f"rollouts of one GRPO step (32 x 8): {roll['median_s']['uncached'] * 1e3:.0f} ms without the cache, "
       f"{roll['median_s']['cached'] * 1e3:.0f} ms with it (medians): {roll['speedup_median']:.1f}x "
       f"(pairs {roll['speedup_min']:.1f}x-{roll['speedup_max']:.1f}x); the same completions: {roll['same_completions']}")

@@ -16,6 +16,7 @@ import torch
 
 from moe_lab import bench
 from moe_lab import profiling as P
+from moe_lab.model import expert_backends as B
 from moe_lab.model.experts import experts_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,31 +33,13 @@ def _case(T=19, d=8, f=16, E=5, k=2, seed=0):
     return x, idx, w, W
 
 
-def test_grouped_mm_backend_matches_reference_outputs_and_gradients():
-    reason = bench.grouped_mm_status("cpu", torch.float32)
-    if reason is not None:
-        pytest.skip(reason)
-    x, idx, w, W = _case()
-    x, w, W = x.float(), w.float(), [t.float() for t in W]
-    leaves = [t.clone().requires_grad_() for t in (x, w, *W)]
-    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    outs = []
-    for fn in (experts_reference, bench.experts_grouped_mm):
-        ls = [t.detach().clone().requires_grad_() for t in leaves]
-        y = fn(ls[0], idx, ls[1], *ls[2:])
-        grads = torch.autograd.grad((y * probe).sum(), ls)
-        outs.append((y.detach(), grads))
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(outs[1][1], outs[0][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_grouped_mm_missing_is_reported_not_raised(monkeypatch):
+def test_backend_status_comes_from_the_registry(monkeypatch):
     monkeypatch.delattr(torch, "_grouped_mm")
-    assert bench.grouped_mm_status("cpu", torch.float32).startswith("not available in this torch")
     assert bench.backend_status("grouped_mm", "cpu", torch.float32).startswith("not available in this torch")
+    assert bench.backend_status("dense", "cpu", torch.float32) is None
     with pytest.raises(ValueError, match="backend='cublas'"):
         bench.backend_status("cublas", "cpu", torch.float32)
+    assert bench.BACKENDS[:-1] == B.names() and bench.BACKENDS[-1] == "dense"
 
 
 def test_case_model_uses_the_profiling_models():
@@ -99,30 +82,63 @@ def test_a_failing_or_wrong_backend_becomes_an_error_row(monkeypatch):
     def boom(*args):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(bench, "expert_fn", lambda name: boom)
+    monkeypatch.setattr(B, "experts_fn", lambda name: boom)
     row = bench.measure_case("tiny", 8, "sorted", "forward", "cpu", torch.float32, None, inp, expected, 0, 1)
     assert row["status"] == "error" and "kernel exploded" in row["note"] and row["ms"] is None
-    monkeypatch.setattr(bench, "expert_fn", lambda name: lambda *a: experts_reference(*a) * 1.5)
+    monkeypatch.setattr(B, "experts_fn", lambda name: lambda *a: experts_reference(*a) * 1.5)
     row = bench.measure_case("tiny", 8, "sorted", "forward", "cpu", torch.float32, None, inp, expected, 0, 1)
     assert row["status"] == "error" and "differs from `sorted`" in row["note"]
 
 
 def test_targets_come_only_from_measured_rows():
-    def row(backend, mode, tokens, tflops, shape="fine", **kw):
-        return dict(shape=shape, backend=backend, tokens=tokens, status="ok", tflops=tflops, ms=1000 / tflops,
-                    **{"pass": mode}, **kw)
+    def row(backend, mode, tokens, ms, shape="fine", **kw):
+        return dict(shape=shape, backend=backend, tokens=tokens, status="ok", ms=ms, **{"pass": mode}, **kw)
 
-    rows = [row("triton", "forward", 8192, 420.0), row("grouped_mm", "forward", 8192, 400.0),
-            row("dense", "forward", 8192, 600.0), row("triton", "forward+backward", 16384, 300.0),
-            row("triton", "forward", 2048, 10.0)]  # 2048 tokens: outside the targets' range
-    targets = {(t["target"], t["tokens"]): t for t in bench.check_targets(rows, None)}
-    assert targets[("fine-grained triton forward >= 400 TFLOP/s", 8192)]["met"]
-    assert targets[("fine-grained triton forward >= 1.0x grouped_mm", 8192)]["value"] == pytest.approx(1.05)
-    dense = targets[("fine-grained triton forward >= 0.8x dense", 8192)]
-    assert dense["value"] == pytest.approx(0.7) and not dense["met"]
-    assert not targets[("fine-grained triton forward+backward >= 330 TFLOP/s", 16384)]["met"]
-    assert all(t["tokens"] >= 8192 for t in targets.values())
-    assert bench.check_targets([], None) == []  # nothing measured: no verdict
+    rows = [row("triton", "forward", 8192, 1.0), row("grouped_mm", "forward", 8192, 1.6),
+            row("dense", "forward", 8192, 0.6), row("triton", "forward+backward", 16384, 3.0),
+            row("grouped_mm", "forward+backward", 16384, 3.3),
+            row("triton", "forward", 512, 1.0, min_bytes=3.0e9), row("grouped_mm", "forward", 512, 0.9),
+            row("triton", "forward", 4096, 2.0, shape="mixtral"), row("grouped_mm", "forward", 4096, 2.2, shape="mixtral"),
+            row("triton", "forward", 128, 0.12, shape="teaching")]
+    ceil = P.Ceilings(peak_flops=700e12, bandwidth=4e12, matmul_n=8192, copy_bytes=1 << 30, dtype="bfloat16", device="x")
+    found = bench.check_targets(rows, ceil)
+
+    def target(words, tokens):
+        hits = [t for t in found if words in t["target"] and t["tokens"] == tokens]
+        assert len(hits) == 1, (words, tokens, hits)
+        return hits[0]
+
+    dense = target("forward >= 0.65x dense", 8192)
+    assert dense["value"] == pytest.approx(0.6) and not dense["met"]
+    fb = target("forward+backward >= 1.2x grouped_mm", 16384)
+    assert fb["value"] == pytest.approx(1.1) and not fb["met"]
+    assert target("forward >= 1.5x grouped_mm", 8192)["met"]
+    assert not [t for t in found if t["tokens"] == 512 and "grouped_mm" in t["target"]], "512 tokens: below 2048"
+    mem = target("memory-bound end", 512)
+    assert mem["value"] == pytest.approx(3.0e9 / 1e-3 / 4e12) and mem["met"]  # 75 % of the copy bandwidth
+    assert target("mixtral triton forward >= 1.0x grouped_mm", 4096)["met"]
+    teach = target("teaching layer", 128)
+    assert teach["value"] == 0.12 and not teach["met"]
+    assert bench.check_targets([], ceil) == []  # nothing measured: no verdict
+
+
+def test_the_sweep_reaches_every_shape_first_and_bounds_the_slow_backends():
+    tokens = {"fine": (128, 8192, 32768), "mixtral": (512, 16384)}
+    cases = bench.plan_cases(["fine", "mixtral"], lambda s: tokens[s], ["reference", "triton", "dense"], ["forward"])
+    first_mixtral = cases.index(("mixtral", 512, "triton", "forward"))
+    assert first_mixtral < cases.index(("fine", 8192, "triton", "forward")), "shapes interleave by token count"
+    slow = [c for c in cases if c[2] == "reference"]
+    assert all(cases.index(c) > cases.index(("fine", 32768, "dense", "forward")) for c in slow), "slow ones last"
+    assert len(cases) == len(set(cases)) == 5 * 3
+
+
+def test_bad_arguments_are_named_before_any_refusal_or_work(capsys):
+    with pytest.raises(SystemExit, match="--shapes 'nope'"):
+        bench.main(["--shapes", "nope"])
+    with pytest.raises(SystemExit, match="--tokens 'x'"):
+        bench.main(["--quick", "--tokens", "x"])
+    with pytest.raises(SystemExit, match="--budget-s"):
+        bench.main(["--quick", "--budget-s", "0"])
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the CPU's refusals")
@@ -168,19 +184,42 @@ def test_gpu_suite_plans_every_step_with_limits(tmp_path):
     from moe_lab import gpu_suite
 
     steps = gpu_suite.plan(tmp_path, timeouts={"bench": 300}, device_slug="nvidia-h100-80gb-hbm3")
-    assert [s["name"] for s in steps] == ["tests", "notebooks", "bench"]
-    tests, nbs, bch = steps
+    assert [s["name"] for s in steps] == ["smoke", "tests", "nb-05", "nb-06", "nb-07", "bench"]  # no tuning by default
+    smoke, tests, nb05, nb06, nb07, bch = steps
+    assert smoke["fatal"] and not any(s["fatal"] for s in steps[1:])
     assert tests["cmd"][2:6] == ["pytest", "-m", "gpu", "tests"]
-    assert nbs["env"]["MOE_LAB_MODE"] == "gpu" and "--nbval-lax" in nbs["cmd"]
-    assert [c for c in nbs["cmd"] if c.endswith(".ipynb")] == [
-        "notebooks/05_triton_basics.ipynb", "notebooks/06_triton_moe_kernels.ipynb", "notebooks/07_profiling.ipynb"]
+    for nb, name in ((nb05, "05_triton_basics"), (nb06, "06_triton_moe_kernels"), (nb07, "07_profiling")):
+        assert nb["env"]["MOE_LAB_MODE"] == "gpu" and nb["env"]["COLD_TRITON_CACHE"] == "1"
+        assert nb["cmd"][nb["cmd"].index("--execute") + 1] == f"notebooks/{name}.ipynb"
+        assert nb["cmd"][nb["cmd"].index("--to") + 1] == str(tmp_path / "notebooks" / f"{name}.ipynb")
     assert "--record" in bch["cmd"] and str(tmp_path / "bench-nvidia-h100-80gb-hbm3.json") in bch["cmd"]
     assert bch["timeout"] == 300 and bch["cmd"][bch["cmd"].index("--budget-s") + 1] == "240"
     assert all(s["log"] == str(tmp_path / f"{s['name']}.log") for s in steps)
-    (only,) = gpu_suite.plan(tmp_path, only="notebooks", with_04=True)
-    assert [c for c in only["cmd"] if c.endswith(".ipynb")][0] == "notebooks/04_train_moe.ipynb"
-    (with_grpo,) = gpu_suite.plan(tmp_path, only="notebooks", with_08=True)
-    assert [c for c in with_grpo["cmd"] if c.endswith(".ipynb")][-1] == "notebooks/08_grpo.ipynb"
+    tuned = gpu_suite.plan(tmp_path, with_tune=True, device_slug="x")
+    assert [s["name"] for s in tuned][:3] == ["smoke", "tune", "tests"]
+    assert str(tmp_path / "tune-x.json") in tuned[1]["cmd"]
+    only = gpu_suite.plan(tmp_path, only="notebooks", with_04=True)
+    assert only[0]["name"] == "nb-04" and len(only) == 4
+    with_grpo = gpu_suite.plan(tmp_path, only="notebooks", with_08=True)
+    assert with_grpo[-1]["name"] == "nb-08"
+
+
+def test_gpu_suite_executes_a_notebook_and_keeps_its_outputs(tmp_path):
+    import nbformat
+
+    from moe_lab import gpu_suite
+
+    src = tmp_path / "nb.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nbformat.write(nb, src)
+    out = tmp_path / "ran" / "nb.ipynb"
+    assert gpu_suite.execute_notebook(str(src), str(out), 60) == 0
+    ran = nbformat.read(out, as_version=4)
+    assert ran.cells[0].outputs[0]["text"].strip() == "42"
+    nb.cells.append(nbformat.v4.new_code_cell("raise ValueError('boom')"))
+    nbformat.write(nb, src)
+    assert gpu_suite.execute_notebook(str(src), str(out), 60) == 1
+    assert "boom" in str(nbformat.read(out, as_version=4).cells[1].outputs)
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the refusal without a GPU")
@@ -206,3 +245,60 @@ def test_gpu_suite_step_runner_logs_and_enforces_its_limit(tmp_path):
     slow = gpu_suite.run_step(dict(name="slow", cmd=[sys.executable, "-c", "import time; time.sleep(30)"], env={},
                                    log=str(tmp_path / "slow.log")), timeout=1)
     assert slow["status"].startswith("timed out") and slow["returncode"] is None
+
+
+def test_gpu_suite_gives_a_cold_triton_cache_and_removes_it(tmp_path):
+    from moe_lab import gpu_suite
+
+    probe = "import os; print('CACHE', os.environ['TRITON_CACHE_DIR'], os.listdir(os.environ['TRITON_CACHE_DIR']))"
+    res = gpu_suite.run_step(dict(name="nb", cmd=[sys.executable, "-c", probe], env={"COLD_TRITON_CACHE": "1"},
+                                  log=str(tmp_path / "nb.log")), timeout=60)
+    line = [ln for ln in (tmp_path / "nb.log").read_text().splitlines() if ln.startswith("CACHE")][0]
+    assert res["status"] == "passed" and line.endswith("[]"), "an empty cache of its own"
+    assert not Path(line.split()[1]).exists(), "removed afterwards"
+
+
+def test_gpu_suite_names_bad_arguments(tmp_path, capsys):
+    from moe_lab import gpu_suite
+
+    for args, message in [(["--budget-s", "0"], "--budget-s"), (["--timeout-bench", "-5"], "--timeout-bench"),
+                          ([], "--out DIR is required")]:
+        with pytest.raises(SystemExit):
+            gpu_suite.main((["--out", str(tmp_path)] if args else []) + args)
+        assert message in capsys.readouterr().err
+
+
+def test_gpu_suite_archive_holds_the_folder_and_the_written_records(tmp_path):
+    import tarfile
+
+    from moe_lab import gpu_suite
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text("{}")
+    dest = tmp_path / "back" / "suite.tar.gz"
+    gpu_suite.archive(tmp_path / "out", dest)
+    names = tarfile.open(dest).getnames()
+    assert "out/summary.json" in names
+    assert any(n.startswith("repo/data/bench/") for n in names), "the recorded bench files travel too"
+    assert not dest.with_name("suite.tar.gz.tmp").exists()
+
+
+def test_the_bench_writes_a_partial_record_after_every_case(tmp_path, monkeypatch):
+    """A run stopped from outside keeps what it measured: the file exists, valid, after the first case."""
+    out = tmp_path / "b.json"
+    seen = []
+    real_measure = bench.measure_case
+
+    def measure_then_look(*args, **kwargs):
+        row = real_measure(*args, **kwargs)
+        if out.exists():
+            seen.append(len(json.loads(out.read_text())["results"]))
+        return row
+
+    monkeypatch.setattr(bench, "measure_case", measure_then_look)
+    assert bench.main(["--quick", "--shapes", "tiny", "--tokens", "16", "--backends", "sorted,dense",
+                       "--passes", "forward", "--out", str(out), "--no-progress"]) == 0
+    assert seen == [1], "after the first case, the file held it"
+    rec = json.loads(out.read_text())
+    P.validate_record(rec)
+    assert not any("partial" in n for n in rec["notes"]) and len(rec["results"]) == 2

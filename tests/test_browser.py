@@ -10,8 +10,10 @@ Needs Debian's `chromium` (/usr/bin/chromium, or the path in the CHROMIUM variab
 is skipped with the reason, except under CI (the CI variable set), where it fails: .ci/run installs
 chromium, so a missing browser there is a broken set-up, not a reason to skip.
 
-The notebooks are copied to a temporary folder and JupyterLab serves the copy, so nothing the
-browser does (autosave included) can touch the committed notebooks. JupyterLab's configuration,
+The notebooks are copied to a temporary folder and JupyterLab serves working copies of the copy, as
+`make lab` does (moe_lab.lab), so nothing the browser does (autosave included) can touch the
+committed notebooks. It also checks that JupyterLab's news prompt is not on screen and that no widget
+label is cut short. JupyterLab's configuration,
 data, runtime and settings folders are temporary too; the widget extension is still found in the
 virtual environment's share/jupyter, where pip put it.
 """
@@ -25,7 +27,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -114,13 +115,20 @@ def alive(pid: int, started: str) -> bool:
 
 @pytest.fixture
 def lab(tmp_path):
-    """JupyterLab on a free port of 127.0.0.1, serving a copy of notebooks/, stopped at the end
-    whatever happened: (base URL, token, served folder, the server's process)."""
+    """JupyterLab on a free port of 127.0.0.1, started as `make lab` starts it (moe_lab.lab: the
+    working copies of a copy of notebooks/, the kernels' environment, the news prompt off), stopped
+    at the end whatever happened: (base URL, token, served folder, the server's process)."""
+    from moe_lab import lab as course_lab
+
     require_browser()
-    served = tmp_path / "notebooks"
-    shutil.copytree(ROOT / "notebooks", served, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "runs", "__pycache__"))
+    course = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", course,
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "runs", "__pycache__", "workspace"))
+    served = course / course_lab.WORKSPACE_NAME
+    course_lab.prepare_workspace(course, served)
+    course_lab.silence_news()  # what make lab does: this environment's overrides.json
     home = tmp_path / "jupyter"
-    env = dict(os.environ)
+    env = course_lab.kernel_env(dict(os.environ))
     env.pop("MPLBACKEND", None)  # make test sets Agg; in the browser plots must render inline
     env.update(
         MOE_LAB_FAST="1",
@@ -134,18 +142,11 @@ def lab(tmp_path):
     tracker = home / "lab-settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
     tracker.parent.mkdir(parents=True)
     tracker.write_text(json.dumps({"windowingMode": "none"}))
-    news = home / "lab-settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    news.parent.mkdir(parents=True)
-    news.write_text(json.dumps({"fetchNews": "false"}))  # no "get notified about news?" toast
     port, token = free_port(), secrets.token_hex(16)
-    jupyter = ROOT / ".venv" / "bin" / "jupyter"  # as make lab runs it
-    if not jupyter.exists():  # another environment (conda): the jupyter beside this Python
-        jupyter = Path(sys.executable).parent / "jupyter"
-    cmd = [str(jupyter), "lab", "--no-browser", f"--port={port}", "--ServerApp.port_retries=0", "--ip=127.0.0.1",
-           f"--IdentityProvider.token={token}", "--ServerApp.password=",
-           "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-root")  # as make lab does
+    cmd = course_lab.lab_command(served, [
+        "--no-browser", f"--port={port}", "--ServerApp.port_retries=0", "--ip=127.0.0.1",
+        f"--IdentityProvider.token={token}", "--ServerApp.password=",
+        "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"])
     log_path = tmp_path / "jupyterlab.log"
     log = open(log_path, "w")
     server = subprocess.Popen(cmd, cwd=served, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -259,6 +260,7 @@ def test_notebook_runs_in_a_real_browser(lab):
             seen = error_outputs(page)
             assert seen and "ZeroDivisionError" in seen[0], f"the error check missed 1 / 0: {seen}"
 
+            assert page.get_by_text("Jupyter news").count() == 0, "JupyterLab's news prompt is on screen"
             shown = open_and_run_all(page, base, token, NOTEBOOK)
             assert len(descendants(server.pid)) >= 2, "expected the two notebooks' kernels under the server"
             errors = error_outputs(page)
@@ -269,6 +271,9 @@ def test_notebook_runs_in_a_real_browser(lab):
             slider = page.locator(PANEL + " .jupyter-widgets .widget-slider").first
             slider.scroll_into_view_if_needed()
             assert slider.is_visible(), "the router explorer's sliders did not render"
+            cut = page.evaluate("() => [...document.querySelectorAll('.widget-label')]"
+                                ".filter(e => e.textContent && e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)")
+            assert not cut, f"widget labels cut short on screen: {cut}"
             page.wait_for_timeout(500)  # let the explorer's plot settle
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))

@@ -29,6 +29,28 @@ def rope_right(x, cos, sin):
     return layers.apply_rope(x, cos, sin)
 
 
+def rope_rotate_half(x, cos, sin):
+    """The GPT-NeoX / Hugging Face pairing: x[i] with x[i + hd/2], halves concatenated."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def rope_halves_interleaved(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def rope_concatenated(x, cos, sin):
+    """The right pairs, rotated right, but written back as [all x1', all x2'] instead of interleaved."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def rope_minus_angle(x, cos, sin):
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
 def route_right(logits, k):
     w, i = logits.softmax(-1).topk(k, -1)
     return i, w / w.sum(-1, keepdim=True)
@@ -37,12 +59,23 @@ def route_right(logits, k):
 CASES = {
     "check_rmsnorm": (rms_right, [
         (lambda x, w, eps: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + eps) * w, "LayerNorm"),
-        (lambda x, w, eps: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * w, "wrong at index"),
-        (lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), "wrong at index"),
+        (lambda x, w, eps: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * w, "SUM of squares"),
+        (lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), "not multiplied by `weight`"),
+        # eps outside the square root: indistinguishable at eps=1e-5 on large inputs, so the checker also tries eps=0.5
+        (lambda x, w, eps: x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps) * w, "outside the square root"),
+        (lambda x, w, eps: x / x.pow(2).mean(-1, keepdim=True).sqrt() * w, "`eps` argument is ignored"),
+        (lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + eps) * w, "over dimension 0.*last dimension"),
+        (lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-2, keepdim=True) + eps) * w, "over dimension 1.*last dimension"),
+        (lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean() + eps) * w, "over dimension \\(0, 1, 2\\)"),
+        (lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w * 1.01, "wrong at index"),
     ]),
     "check_rope": (rope_right, [
         (lambda x, cos, sin: torch.stack((x[..., 0::2] * cos + x[..., 1::2] * sin, x[..., 0::2] * sin + x[..., 1::2] * cos), -1).flatten(-2), "length"),
         (lambda x, cos, sin: x, "wrong at index"),
+        (rope_rotate_half, "rotate-half pairing"),
+        (rope_halves_interleaved, "first and second halves"),
+        (rope_concatenated, "concatenated.*interleaved"),
+        (rope_minus_angle, "minus the angle"),
     ]),
     "check_swiglu": (lambda x, w1, w3, w2: (F.silu(x @ w1) * (x @ w3)) @ w2, [
         (lambda x, w1, w3, w2: (F.silu(x @ w3) * (x @ w1)) @ w2, "swapped"),

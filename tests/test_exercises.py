@@ -184,3 +184,20 @@ def test_every_learner_stub_fails_its_checker_as_not_implemented(py, tmp_path, m
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+# ---- a cell that draws calls the learner's functions before it opens a figure ---------------------
+FIGURE = re.compile(r"plt\.(subplots|figure)\(")
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=ids)
+def test_plot_cells_call_exercise_functions_before_opening_a_figure(py):
+    """With an exercise unsolved, its stub raises: a cell that had already opened a figure would
+    then draw empty axes under the traceback (notebook 08's clipped-surrogate plot did)."""
+    names = {r.name for r in find_regions(py)}
+    for cell in _learner(py).cells:
+        if cell.cell_type != "code" or not (m := FIGURE.search(cell.source)):
+            continue
+        after = cell.source[m.start():]
+        called = sorted(n for n in names if re.search(rf"(?<![\w.]){re.escape(n)}\(", after))
+        assert not called, f"{py.name}: a cell opens a figure, then calls {called}: call them first"

@@ -7,9 +7,9 @@ Run: .venv/bin/python -m pytest tests/test_generation.py -q
 import pytest
 import torch
 
+from moe_lab.checkpoint import shipped_checkpoint
 from moe_lab.config import ModelConfig, MoEConfig, preset
 from moe_lab.data import course_task
-from moe_lab.data.corpus import data_dir
 from moe_lab.data.tokenizer import TOKENIZER
 from moe_lab.model import Transformer
 from moe_lab.model.kv_cache import (DEEPSEEK_V3, KVCache, LayerCache, cache_bytes_per_token, cache_table,
@@ -17,7 +17,7 @@ from moe_lab.model.kv_cache import (DEEPSEEK_V3, KVCache, LayerCache, cache_byte
 from moe_lab.model.layers import CausalSelfAttention, causal_mask
 from moe_lab.model.mla import MultiHeadLatentAttention
 
-CHECKPOINT = data_dir() / "checkpoints" / "moe_cpu.pt"
+CHECKPOINT = shipped_checkpoint("moe_cpu")  # data/checkpoints/moe_cpu.safetensors; None where absent
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32: cached and uncached logits agree to this
 
 
@@ -113,8 +113,8 @@ def test_stop_token_and_mode_are_kept():
 
 def test_shipped_checkpoint_generates_the_same_with_and_without_cache():
     """The course model on the task notebook 08 trains on, grouped by prompt length as evaluation does."""
-    if not CHECKPOINT.exists():
-        pytest.skip(f"no shipped checkpoint at {CHECKPOINT}")
+    if CHECKPOINT is None:
+        pytest.skip("no shipped checkpoint in data/checkpoints/")
     from moe_lab.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(CHECKPOINT)
@@ -304,22 +304,25 @@ def test_mla_config_fields_validate_and_old_configs_load():
 
 
 def test_old_checkpoint_loads(tmp_path):
-    """A checkpoint whose saved config predates the attention fields loads as MHA with the same weights."""
+    """A checkpoint whose saved config predates the attention fields (the .pt format of the time) loads
+    as MHA with the same weights; so does the shipped one, saved before notebook 10 existed."""
     import json
 
-    from moe_lab.checkpoint import load_checkpoint, save_checkpoint
+    from moe_lab.checkpoint import LEGACY_FORMAT, load_checkpoint
 
     model = random_model(small_cfg())
-    path = save_checkpoint(tmp_path / "m.pt", model)
-    payload = torch.load(path, weights_only=True)
-    cfg = json.loads(payload["config"])
+    cfg = model.cfg.to_dict()
     for name in ("attention", "kv_rank", "q_rank", "rope_dim"):
         cfg.pop(name)
-    payload["config"] = json.dumps(cfg)
-    torch.save(payload, path)
-    loaded, _ = load_checkpoint(path, expected=small_cfg())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"format": LEGACY_FORMAT, "config": json.dumps(cfg), "extra": "{}", "model": state}, tmp_path / "m.pt")
+    loaded, _ = load_checkpoint(tmp_path / "m.pt", expected=small_cfg())
     x = torch.randint(0, 30, (2, 6))
     torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    if CHECKPOINT is not None:
+        from moe_lab.checkpoint import read_checkpoint
+
+        assert read_checkpoint(CHECKPOINT)[0].attention == "mha"
 
 
 # --- MoE capacity at inference --------------------------------------------------------------------

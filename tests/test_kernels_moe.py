@@ -24,7 +24,8 @@ if importlib.util.find_spec("triton") is None:  # find_spec: importing triton he
 
 from moe_lab.kernels import INTERPRETED, moe_gemm  # noqa: E402  (before triton: it picks the interpreter)
 from moe_lab.kernels.moe import experts_triton, moe_align, moe_align_reference  # noqa: E402
-from moe_lab.model.experts import experts_reference, run_experts  # noqa: E402
+from moe_lab.model.expert_backends import run_experts  # noqa: E402
+from moe_lab.model.experts import experts_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not INTERPRETED
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with compiled Triton (here: no GPU or interpreter mode)")
@@ -161,6 +162,68 @@ EDGE_CASES = {
     "every assignment dropped": (9, 11, 13, 3, 2, lambda T, k: torch.full((T, k), -1)),
     "one expert, one wide row": (1, 70, 90, 1, 1, None),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations: every tile, program order and layout computes the same function
+# ---------------------------------------------------------------------------------------------
+CONFIG_CASES = [  # (block_m, BLOCK_N, BLOCK_K, GROUP_M): tiles wider and narrower than the matrices, grouped orders
+    (16, 16, 16, 1), (16, 32, 16, 2), (32, 16, 32, 4), (16, 64, 16, 16)]
+
+
+@pytest.mark.parametrize("case", range(len(CONFIG_CASES)))
+def test_every_configuration_and_program_order_computes_the_same(case):
+    """Forced configurations (experts_triton(choice=...)): GROUP_M > 1 walks row blocks column by column,
+    with a last group shorter than GROUP_M; every gradient too. A wrong swizzle skips or repeats tiles."""
+    from moe_lab.kernels import config_table as CT
+
+    bm, bn, bk, g = CONFIG_CASES[case]
+    if not INTERPRETED:
+        bm, bn, bk = max(bm, 16), max(bn, 16), max(bk, 16)
+    configs = {k: CT.KernelConfig(bm if k in CT.ROW_KERNELS else 16, bn, bk, g if k in CT.ROW_KERNELS else 1, 4, 2)
+               for k in CT.KERNELS}
+    choice = CT.Choice(bm, configs, "test")
+    tensors, idx, probe = make_case(90 + case, T=37, d=40, f=56, E=5, k=3, drop=0.2)
+    check_against_reference(tensors, idx, probe, choice=choice)
+
+
+def test_a_forced_choice_must_match_its_layout():
+    from moe_lab.kernels import config_table as CT
+
+    tensors, idx, _ = make_case(1, T=4, d=8, f=8, E=2, k=1)
+    configs = {k: CT.KernelConfig(16, 16, 16) for k in CT.KERNELS}
+    with pytest.raises(ValueError, match="layout's block_m=32"):
+        experts_triton(tensors[0], idx, *tensors[1:], choice=CT.Choice(32, configs, "test"))
+    with pytest.raises(ValueError, match="lacks configurations"):
+        experts_triton(tensors[0], idx, *tensors[1:], choice=CT.Choice(16, {"up": configs["up"]}, "test"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_one_program_layout_equals_moe_align(seed):
+    """moe_align_triton (histogram, cumsum, sort in one program) against moe_align, bit for bit."""
+    from moe_lab.kernels.moe_align_triton import moe_align_triton
+
+    g = torch.Generator().manual_seed(seed)
+    E = int(torch.randint(1, 40, (1,), generator=g))
+    k = int(torch.randint(1, min(E, 4) + 1, (1,), generator=g))
+    T = [0, 1, 7, 64, 150, 299][seed]
+    rows = [torch.randperm(E, generator=g)[:k] for _ in range(T)]
+    idx = torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.long)
+    idx = idx.masked_fill(torch.rand(idx.shape, generator=g) < 0.2, -1).to(DEVICE)
+    for block_m in (1, 4, 16, 64):
+        a, b = moe_align(idx, E, block_m), moe_align_triton(idx, E, block_m)
+        for name in ("counts", "offsets", "sorted_ids", "block_expert"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), (name, block_m)
+
+
+def test_the_one_program_layout_refuses_what_it_cannot_hold():
+    from moe_lab.kernels.moe_align_triton import MAX_ASSIGNMENTS, moe_align_triton
+
+    with pytest.raises(ValueError, match="at most"):
+        moe_align_triton(torch.zeros(MAX_ASSIGNMENTS + 1, 1, dtype=torch.long, device=DEVICE), 4, 16)
+    with pytest.raises(ValueError, match="must be"):
+        moe_align_triton(torch.zeros(3, dtype=torch.long, device=DEVICE), 4, 16)
 
 
 @pytest.mark.parametrize("name", list(EDGE_CASES))

@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest tests/test_model.py -q
 """
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -139,6 +140,46 @@ def test_setup_prints_summary_and_seeds(capsys):
         assert rt.dtype == torch.float32 and rt.triton_interpret
 
 
+def test_gpu_mode_without_a_gpu_is_said_out_loud(monkeypatch):
+    """MOE_LAB_MODE=gpu on a machine without a usable GPU: the GPU presets on the CPU, many times
+    slower. setup() warns, naming the mode and what to do."""
+    monkeypatch.setattr(runtime, "_cuda_usable", lambda env=None: False)
+    with pytest.warns(UserWarning, match="mode 'gpu'.*CPU.*Unset MOE_LAB_MODE"):
+        rt = runtime.setup(mode="gpu", verbose=False)
+    assert rt.mode == "gpu" and rt.device.type == "cpu"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning in a mode that fits the machine
+        runtime.setup(mode="cpu", verbose=False)
+
+
+class _FakeColabOutput:
+    def __init__(self):
+        self.enabled = 0
+
+    def enable_custom_widget_manager(self):
+        self.enabled += 1
+
+
+@pytest.mark.parametrize("version, enabled", [("8.1.5", 1), ("7.7.1", 0)])
+def test_colab_gets_the_widget_manager_ipywidgets_8_needs(monkeypatch, version, enabled):
+    """On Colab, ipywidgets 8 draws only through Colab's custom widget manager; 7 draws without it."""
+    import types
+
+    import ipywidgets
+
+    output = _FakeColabOutput()
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.output", output)
+    monkeypatch.setattr(ipywidgets, "__version__", version)
+    runtime.setup(mode="ci", verbose=False)
+    assert output.enabled == enabled
+
+
 # --- transformer -------------------------------------------------------------------------------
 def test_forward_shapes_loss_and_mask():
     torch.manual_seed(0)
@@ -200,28 +241,31 @@ def test_backend_switch_keeps_the_function():
 
 
 # --- checkpoints -------------------------------------------------------------------------------
-def test_checkpoint_round_trip_and_config_beside(tmp_path):
+def test_checkpoint_round_trip_with_config_in_its_metadata(tmp_path):
+    from safetensors import safe_open
+
     torch.manual_seed(0)
     model = Transformer(tiny_cfg())
-    path = save_checkpoint(tmp_path / "m.pt", model, extra={"val_loss": 1.5})
-    meta = json.loads((tmp_path / "m.json").read_text())
-    assert meta["config"]["moe"]["n_experts"] == 4 and meta["extra"]["val_loss"] == 1.5
+    path = save_checkpoint(tmp_path / "m.safetensors", model, extra={"val_loss": 1.5})
+    with safe_open(str(path), "pt") as f:  # any safetensors reader sees the config and the figures
+        meta = f.metadata()
+    assert json.loads(meta["config"])["moe"]["n_experts"] == 4 and json.loads(meta["extra"])["val_loss"] == 1.5
     loaded, extra = load_checkpoint(path, expected=tiny_cfg())
     x = torch.randint(0, 20, (2, 8))
     torch.testing.assert_close(loaded(x)[0], model(x)[0])
     assert extra == {"val_loss": 1.5}
-    assert not list(tmp_path.glob("*.tmp"))  # nothing half-written left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # one file, nothing half-written beside it
 
 
 def test_checkpoint_of_other_config_is_refused(tmp_path):
-    save_checkpoint(tmp_path / "m.pt", Transformer(tiny_cfg()))
+    save_checkpoint(tmp_path / "m.safetensors", Transformer(tiny_cfg()))
     with pytest.raises(ValueError, match=r"moe.n_experts: expected 8, checkpoint has 4"):
-        load_checkpoint(tmp_path / "m.pt", expected=tiny_cfg(moe=MoEConfig(n_experts=8, top_k=2, d_expert=16, n_shared=1)))
+        load_checkpoint(tmp_path / "m.safetensors", expected=tiny_cfg(moe=MoEConfig(n_experts=8, top_k=2, d_expert=16, n_shared=1)))
     with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "missing.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
-        load_checkpoint(tmp_path / "junk.pt")
+        load_checkpoint(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -232,6 +276,46 @@ def test_lr_schedule():
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(100, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_accuracy_snapshot_keeps_the_weights_of_the_first_check_at_the_target(monkeypatch):
+    """Checks every 25 steps, every 5 once a check reached 30 %; copies the weights at the first check
+    at or above the target and never checks again; the copy is independent of later training."""
+    import moe_lab.evaluation
+    from moe_lab.train import AccuracySnapshot
+
+    model = torch.nn.Linear(2, 2)
+    scripted = iter([0.0, 0.1, 0.35, 0.5, 0.7, 0.99])
+    seen = []
+
+    def fake_exact_match(m, task, n, seed, split):
+        seen.append((n, split))
+        return next(scripted)
+
+    monkeypatch.setattr(moe_lab.evaluation, "exact_match", fake_exact_match)
+    snap = AccuracySnapshot(model, task=None, target=0.65)
+    for step in range(200):
+        with torch.no_grad():
+            model.weight.fill_(step)  # "training"
+        snap(step, None)
+    assert [s for s, _ in snap.checks] == [25, 50, 75, 80, 85]  # every 25, then every 5 from 0.35 on
+    assert snap.step == 85 and seen == [(200, "train")] * 5
+    copy = snap.model_copy()
+    assert copy.weight[0, 0].item() == 84 and model.weight[0, 0].item() == 199
+    never = AccuracySnapshot(model, task=None, target=0.99)
+    monkeypatch.setattr(moe_lab.evaluation, "exact_match", lambda *a, **k: 0.1)
+    for step in range(100):
+        never(step, None)
+    with pytest.raises(RuntimeError, match="never reached 99%"):
+        never.model_copy()
+    with pytest.raises(ValueError, match="target=1.5"):
+        AccuracySnapshot(model, task=None, target=1.5)
+
+
+def test_int_lists_of_the_spread_command():
+    from moe_lab.train import _int_list
+
+    assert _int_list("0-4") == [0, 1, 2, 3, 4] and _int_list("1,2") == [1, 2] and _int_list("0-1,5") == [0, 1, 5]
 
 
 @pytest.mark.parametrize("ffn", ["dense", "moe"])

@@ -82,3 +82,82 @@ def test_plot_errors_are_clear():
         plots.plot_loss_curves({}, x="epoch")
     with pytest.raises(ValueError, match="no expert load"):
         plots.plot_load_over_time(History())
+
+
+def test_backend_times_plot_labels_every_bar():
+    rows = [dict(shape="teaching", tokens=128, n_experts=16, top_k=2, dtype="bfloat16", backend=b, status="ok", ms=ms,
+                 **{"pass": p}) for b, p, ms in [("sorted", "forward", 2.0), ("triton", "forward", 0.5),
+                                                 ("sorted", "forward+backward", 6.0), ("triton", "forward+backward", 1.5)]]
+    rows.append(dict(rows[0], backend="grouped_mm", status="skipped", ms=None))
+    ax = plots.plot_backend_times(rows)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sorted", "triton"]
+    assert sorted(p.get_height() for p in ax.patches) == [0.5, 1.5, 2.0, 6.0]
+    assert ax.get_ylabel() and "teaching" in ax.get_title()
+    with pytest.raises(ValueError, match="no successful"):
+        plots.plot_backend_times(rows[-1:])
+
+
+def test_loss_curves_legend_names_every_line():
+    """The faint smoothed training losses are in the legend too, not only the validation curves."""
+    ax = plots.plot_loss_curves({"dense": make_history(), "moe": make_history()}, x="step")
+    lines = [line.get_label() for line in ax.get_lines()]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(lines) == 4 and all(not label.startswith("_") for label in lines), lines
+    assert legend == lines
+    plt.close("all")
+
+
+def _label_boxes(fig):
+    """Window extents of every axis label (x and y) of every axes of fig, colour bars included."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for ax in fig.axes:
+        for label in (ax.xaxis.label, ax.yaxis.label):
+            if label.get_text():
+                boxes.append((label.get_text(), label.get_window_extent(renderer)))
+    return boxes
+
+
+def test_balance_comparison_keeps_colour_bar_labels_clear_of_the_next_panel():
+    """Notebook 04's load figure: each colour bar's label must not sit on the next panel's axis label."""
+    h = make_history(steps=60)
+    fig = plots.plot_balance_comparison({"no balancing": h, "aux-loss-free bias": h}, layer=0)
+    boxes = _label_boxes(fig)
+    assert sum(text == "share of assignments" for text, _ in boxes) == 2  # two colour bars, labelled
+    for i, (text_a, a) in enumerate(boxes):
+        for text_b, b in boxes[i + 1:]:
+            assert not a.overlaps(b), f"{text_a!r} overlaps {text_b!r}"
+    plt.close("all")
+
+
+@pytest.mark.parametrize("make", [router_explorer], ids=["router_explorer"])
+def test_explorer_labels_are_not_cut(make):
+    """ipywidgets cuts a description longer than its default label width ("capacity (…"): a long one
+    must ask for the room it needs (style description_width="initial")."""
+    w = make()
+    controls = [c for c in w.children if getattr(c, "description", "")]
+    assert controls
+    for c in controls:
+        assert len(c.description) <= 10 or c.style.description_width == "initial", c.description
+    plt.close("all")
+
+
+def test_the_layout_picture_has_its_three_panels():
+    from moe_lab.kernels.moe_routing import moe_align
+
+    idx = torch.tensor([[2, 0], [0, 1], [2, -1]])
+    fig = plots.plot_moe_layout(idx, moe_align(idx, 3, 4), 3)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 3 and titles[0].startswith("(a)") and "block_m=4" in titles[1] and titles[2] == "(c) block_expert"
+    plt.close("all")
+
+
+def test_source_of_unwraps_a_triton_kernel():
+    from moe_lab.kernels import moe_gemm
+    from moe_lab.widgets import source_of
+
+    assert source_of(moe_gemm.moe_up_kernel).lstrip().startswith("@triton.jit") or "def moe_up_kernel" in source_of(moe_gemm.moe_up_kernel)
+    assert "def moe_up_kernel" in source_of(moe_gemm.moe_up_kernel)
+    with pytest.raises(TypeError, match="not a function"):
+        source_of(42)

@@ -54,11 +54,31 @@ def test_flops_match_torch_flop_counter(fn, T, d, f, E, k):
 
 
 def test_dense_ceiling_has_equal_flops():
+    from moe_lab import cost
+
     for T, d, f, k in [(128, 2048, 768, 8), (32768, 4096, 14336, 2), (5, 3, 7, 1)]:
-        m, kk, n = P.dense_equal_flops_shape(T, d, f, k)
-        assert P.matmul_flops(m, kk, n) == P.moe_flops(T, d, f, k)
-    assert P.matmul_bytes(2, 3, 4, 2) == (6 + 12 + 8) * 2
-    assert P.matmul_bytes(2, 3, 4, 2, "backward") == (8 + 6 + 12 + 6 + 12) * 2
+        m, kk, n = P.dense_equal_flops_shape(T, d, f, k)  # (m, kk) @ (kk, n)
+        assert cost.matmul_flops(m, n, kk) == P.moe_flops(T, d, f, k)
+    # C (2, 4) = A (2, 3) @ B (3, 4): A 6, B 12, C 8 elements; backward reads dC, A, B, writes dA, dB
+    assert cost.matmul_bytes(2, 4, 3, 2) == (6 + 12 + 8) * 2
+    assert cost.matmul_bytes(2, 4, 3, 2, mode="backward") == (8 + 6 + 12 + 6 + 12) * 2
+    assert cost.matmul_bytes(2, 4, 3, "bfloat16", mode="forward+backward") == (26 + 44) * 2
+
+
+def test_the_matmul_count_is_torchs():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moe_lab import cost
+
+    a, b = torch.randn(7, 5), torch.randn(5, 3)
+    with FlopCounterMode(display=False) as count:
+        a @ b
+    assert count.get_total_flops() == cost.matmul_flops(7, 3, 5)
+    with pytest.raises(ValueError, match="n_bytes=0"):
+        cost.arithmetic_intensity(10, 0)
+    with pytest.raises(ValueError, match="tiling"):
+        cost.matmul_bytes(2, 4, 3, 2, block_m=16, block_n=16, mode="backward")
+    assert cost.itemsize("bfloat16") == cost.itemsize(torch.float16) == 2 and cost.itemsize(4) == 4
 
 
 # ---- bytes ----------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 PAIRS = sorted(p for p in NB_DIR.glob("[0-9][0-9]_*.py"))
+# The tracked notebooks only: not JupyterLab's .ipynb_checkpoints/ nor the learner's working copies
+# in notebooks/workspace/ (moe_lab/lab.py), which may hold outputs and learners' answers.
+TRACKED_NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb")) + sorted(NB_DIR.glob("exercises/[0-9][0-9]_*.ipynb"))
 
 
 def test_there_are_notebooks():
@@ -33,7 +36,7 @@ def test_ipynb_matches_its_py_percent_source(py):
     assert a == b, f"{ipynb.name} differs from {py.name}: run `make notebooks`"
 
 
-@pytest.mark.parametrize("ipynb", sorted(NB_DIR.glob("**/*.ipynb")), ids=lambda p: p.name)
+@pytest.mark.parametrize("ipynb", TRACKED_NOTEBOOKS, ids=lambda p: p.relative_to(NB_DIR).as_posix())
 def test_notebooks_are_committed_without_outputs(ipynb):
     nb = nbformat.read(ipynb, as_version=4)
     for cell in nb.cells:
@@ -159,3 +162,35 @@ def test_runtime_picks_fp16_on_gpus_without_bf16(capability, name, dtype, monkey
     assert asked, "pick_dtype did not query the device's capability"
     assert rt.on_gpu and rt.dtype == getattr(torch, dtype) and not rt.triton_interpret
     assert f"dtype={dtype}" in capsys.readouterr().out and name in str(rt)
+
+
+# ---- references in docstrings and comments point to what exists ----------------------------------
+def _code_files():
+    """The package, the tests (but this file, whose docstrings quote the patterns) and the notebooks."""
+    tests = [p for p in sorted((ROOT / "tests").glob("*.py")) if p.name != Path(__file__).name]
+    return sorted((ROOT / "moe_lab").rglob("*.py")) + tests + PAIRS
+
+
+def test_markdown_files_named_in_the_code_exist():
+    """A docstring that says "see DESIGN.md" must name a file of this repository (there is none)."""
+    known = {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts} | {
+        str(p.relative_to(ROOT)) for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    missing = []
+    for path in _code_files():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for ref in re.findall(r"\b([\w./-]+\.md)\b", line):
+                if ref not in known:
+                    missing.append(f"{path.relative_to(ROOT)}:{n}: {ref}")
+    assert not missing, "references to Markdown files this repository does not have:\n" + "\n".join(missing)
+
+
+def test_readme_sections_named_in_the_code_exist():
+    """`(README, "Section")` in a docstring names a heading of README.md."""
+    headings = [line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("#")]
+    missing = []
+    for path in _code_files():
+        text = path.read_text()
+        for section in re.findall(r'README, "([^"]+)"', re.sub(r"\s*\n\s*#?\s*", " ", text)):
+            if not any(section in h for h in headings):
+                missing.append(f"{path.relative_to(ROOT)}: {section!r}")
+    assert not missing, f"README has no such heading: {missing}"

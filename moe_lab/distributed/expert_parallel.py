@@ -8,7 +8,7 @@ A forward pass is then four steps around the ordinary expert computation:
     1. route     each rank's router picks top-k experts for its own tokens (expert_idx, weights)
     2. dispatch  all-to-all: every token copy travels to the rank that owns its expert
     3. compute   each rank runs its local experts on the rows it received (any single-process
-                 back-end of moe_lab.model.experts: 'reference', 'sorted', 'triton')
+                 back-end of moe_lab.model.expert_backends)
     4. combine   all-to-all back: results return to the token's rank, are weighted by the routing
                  weights and summed into the token's row
 
@@ -30,11 +30,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from moe_lab.distributed.comm import CommStats, all_to_all, exchange_counts
-from moe_lab.model.experts import run_experts, sort_by_expert, swiglu_expert
+from moe_lab.model import expert_backends
+from moe_lab.model.experts import sort_by_expert, swiglu_expert
 from moe_lab.model.moe import MoELayer
-from moe_lab.model.router import Routing, RoutingStats, routing_stats
-
-BACKENDS = ("reference", "sorted", "triton")
 
 
 def local_expert_count(n_experts: int, group=None) -> int:
@@ -50,8 +48,7 @@ def check_ep_inputs(x: Tensor, expert_idx: Tensor, weights: Tensor, w1_local: Te
                     w2_local: Tensor, n_experts: int, local_backend: str, group=None) -> None:
     """The contract of moe_lab.model.experts, with the expert weights holding this rank's shard."""
     E_local = local_expert_count(n_experts, group)
-    if local_backend not in BACKENDS:
-        raise ValueError(f"local_backend={local_backend!r}: expected one of {BACKENDS}")
+    expert_backends.check_name(local_backend, "local_backend")
     if x.dim() != 2:
         raise ValueError(f"x must be (tokens, d_model); got shape {tuple(x.shape)}")
     T, d = x.shape
@@ -103,7 +100,8 @@ def experts_ep(x: Tensor, expert_idx: Tensor, weights: Tensor, w1_local: Tensor,
     local_e = torch.arange(E_local, device=x.device).repeat(W)  # (W * E_local,) local expert of each block
     local_idx = local_e.repeat_interleave(recv_counts.reshape(-1))[:, None]  # (M, 1)
     if M > 0:
-        y_recv = run_experts(local_backend, x_recv, local_idx, x_recv.new_ones(M, 1), w1_local, w3_local, w2_local)
+        y_recv = expert_backends.run_experts(local_backend, x_recv, local_idx, x_recv.new_ones(M, 1), w1_local, w3_local,
+                                             w2_local)
     else:
         # No rows came in. Still build y_recv *from* x_recv and the weights: the backward all-to-alls
         # are collective, so this rank's graph must reach them just like the other ranks' graphs do.
@@ -122,9 +120,8 @@ class ExpertParallelExperts(nn.Module):
                  init_std: float = 0.02):
         super().__init__()
         E_local = local_expert_count(n_experts, group)
-        if local_backend not in BACKENDS:
-            raise ValueError(f"local_backend={local_backend!r}: expected one of {BACKENDS}")
-        self.n_experts, self.group, self.local_backend = n_experts, group, local_backend
+        self.n_experts, self.group = n_experts, group
+        self.local_backend = expert_backends.check_name(local_backend, "local_backend")
         self.first = dist.get_rank(group) * E_local  # global id of this rank's first expert
         self.w1 = nn.Parameter(torch.randn(E_local, d_model, d_expert) * init_std)  # gate projections
         self.w3 = nn.Parameter(torch.randn(E_local, d_model, d_expert) * init_std)  # up projections
@@ -151,6 +148,15 @@ class ExpertParallelExperts(nn.Module):
         """Global ids of the experts on this rank."""
         return range(self.first, self.first + self.w1.shape[0])
 
+    @property
+    def backend(self) -> str:
+        """'ep'; the back-end each rank runs its own experts with is `local_backend`."""
+        return "ep"
+
+    @backend.setter
+    def backend(self, name: str) -> None:  # the model's set_backend(name) changes how each rank computes
+        self.local_backend = expert_backends.check_name(name, "local_backend")
+
     def forward(self, x: Tensor, expert_idx: Tensor, weights: Tensor) -> Tensor:
         return experts_ep(x, expert_idx, weights, self.w1, self.w3, self.w2, self.n_experts, self.group,
                           self.local_backend, self.comm)
@@ -166,44 +172,25 @@ class ExpertParallelExperts(nn.Module):
         return tuple(full)
 
 
-class ExpertParallelMoE(nn.Module):
-    """An MoELayer whose routed experts are sharded over a process group.
+class ExpertParallelMoE(MoELayer):
+    """An MoELayer whose routed experts are sharded over a process group: the same layer, with its
+    experts module swapped for an ExpertParallelExperts (its forward is MoELayer's).
 
-    Router and shared experts are replicated (every rank holds a copy and routes its own tokens);
-    the routed experts live in `experts` (an ExpertParallelExperts). Build one with
-    `to_expert_parallel(layer, group)`. The forward pass is MoELayer's with the 'ep' back-end.
+    Router and shared experts are replicated (every rank holds a copy and routes its own tokens).
+    Build one with `to_expert_parallel(layer, group)`; it adds what a replicated part needs
+    (gradients summed over ranks, the router's bias rule on every rank's load).
     """
 
     def __init__(self, layer: MoELayer, group=None, local_backend: Optional[str] = None):
-        super().__init__()
-        self.cfg = layer.cfg
+        experts = ExpertParallelExperts.from_full(layer.w1, layer.w3, layer.w2, group, local_backend or layer.backend)
+        super().__init__(layer.w1.shape[1], layer.cfg, experts=experts)
         self.group = group
         self.router = copy.deepcopy(layer.router)  # replicated
         self.shared = copy.deepcopy(layer.shared)  # replicated (None without shared experts)
-        self.experts = ExpertParallelExperts.from_full(layer.w1, layer.w3, layer.w2, group,
-                                                       local_backend or layer.backend)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.last_routing: Optional[Routing] = None
 
     @property
     def comm(self) -> CommStats:
         return self.experts.comm
-
-    @property
-    def last_stats(self) -> Optional[RoutingStats]:
-        """Load per expert (this rank's tokens only), dropped assignments, entropy: as MoELayer's."""
-        return None if self.last_routing is None else routing_stats(self.last_routing, self.cfg.n_experts)
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        xf = x.reshape(-1, shape[-1])  # (N, d): this rank's tokens
-        routing = self.router(xf)  # capacity, if any, counts this rank's tokens
-        y = self.experts(xf, routing.expert_idx, routing.weights)  # (N, d)
-        if self.shared is not None:
-            y = y + self.shared(xf)
-        self.aux_loss = routing.aux_loss
-        self.last_routing = routing.detach()
-        return y.reshape(shape)
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank holds a copy of (router and shared experts)."""
@@ -236,8 +223,8 @@ class ExpertParallelMoE(nn.Module):
 def to_expert_parallel(layer: MoELayer, group=None, local_backend: Optional[str] = None) -> ExpertParallelMoE:
     """An expert-parallel copy of `layer` on `group` (every rank must pass the same weights).
 
-    local_backend: how each rank runs its experts ('reference', 'sorted', 'triton'); default: the
-    layer's own back-end. The original layer is left unchanged.
+    local_backend: how each rank runs its experts (a name of moe_lab.model.expert_backends); default:
+    the layer's own back-end. The original layer is left unchanged.
     """
     if not isinstance(layer, MoELayer):
         raise TypeError(f"layer must be a moe_lab.model.moe.MoELayer; got {type(layer).__name__}")

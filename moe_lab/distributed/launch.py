@@ -112,7 +112,9 @@ def _context(start_method: Optional[str]):
         raise ValueError(f"start_method={start_method!r}: expected 'forkserver', 'spawn' or None")
     ctx = multiprocessing.get_context(start_method)
     if start_method == "forkserver":
-        ctx.set_forkserver_preload(["torch", "moe_lab.distributed"])  # imported once, by the server
+        # imported once, by the server; forkserver_cleanup removes the server's pymp-* socket folder
+        # when it ends, even after its parent (a notebook kernel) was killed
+        ctx.set_forkserver_preload(["moe_lab.distributed.forkserver_cleanup", "torch", "moe_lab.distributed"])
     return ctx
 
 
@@ -200,3 +202,22 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, bac
         _stop(procs)
         del store
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_torchrun(nproc: int, *args: str, timeout: float = 300.0) -> "subprocess.CompletedProcess":
+    """`torchrun --standalone --nproc-per-node nproc -m moe_lab.distributed *args`, output captured.
+
+    Runs `python -m torch.distributed.run` (the module behind the torchrun command) with a private
+    temporary folder (TMPDIR), removed afterwards: torchrun leaves a `torchelastic_*` log folder
+    (and multiprocessing a `pymp-*` one) in the temporary directory after every run. From a shell,
+    `TMPDIR=$(mktemp -d) torchrun ...; rm -r "$TMPDIR"` does the same.
+    """
+    import subprocess
+
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ValueError(f"nproc={nproc!r}: expected an integer >= 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "moe_lab.distributed", *map(str, args)]
+    with tempfile.TemporaryDirectory(prefix="moe_lab_torchrun_") as tmp:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TMPDIR": tmp})
+

@@ -175,7 +175,7 @@ def moe_layer_check(rank: int, world_size: int, tokens: int = 64, d_model: int =
     result.update(
         max_err_y=err(y_all, torch.cat(ys)),
         max_err_grad_x=err(gx_all, torch.cat(gxs)),
-        max_err_grad_experts=max(err(a, rep[n].grad) for a, n in zip(gw_all, ("w1", "w3", "w2"))),
+        max_err_grad_experts=max(err(a, p.grad) for a, p in zip(gw_all, (layer.w1, layer.w3, layer.w2))),
         max_err_grad_replicated=max(err(p.grad, rep[n].grad) for n, p in ep.named_parameters()
                                     if not n.startswith("experts.")),
         comm_per_rank=comms,

@@ -8,7 +8,9 @@ Each kernel here comes the same way:
     1. a torch reference, with the memory traffic it causes in a comment;
     2. the kernel, a comment on each argument;
     3. a launcher that checks its inputs, allocates the output and picks the grid;
-    4. FLOP and byte counts, so notebook 05 can say how far from the hardware's limits it runs.
+    4. FLOP and byte counts, so notebook 05 can say how far from the hardware's limits it runs: they
+       are moe_lab.cost's (add_flops, softmax_bytes, matmul_bytes, ...), available here under the
+       same names.
 
 Run on a GPU they compile; on the CPU they run through Triton's interpreter (see moe_lab.kernels),
 where bfloat16 is refused.
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_lab.cost import (add_bytes, add_flops, arithmetic_intensity, matmul_bytes,  # noqa: F401  (notebook 05's counts)
+                          matmul_flops, softmax_bytes, softmax_flops)
 from moe_lab.kernels import INTERPRETED, check_device, check_dtype_supported
 
 import triton  # noqa: E402  (after moe_lab.kernels: it decides whether kernels are interpreted)
@@ -65,16 +69,6 @@ def add(x: Tensor, y: Tensor, block_size: int = 1024) -> Tensor:
         grid = (triton.cdiv(n, block_size),)  # enough programs to cover every element
         add_kernel[grid](x, y, out, n, BLOCK_SIZE=block_size)
     return out
-
-
-def add_flops(n: int) -> int:
-    """One addition per element."""
-    return n
-
-
-def add_bytes(n: int, dtype: torch.dtype) -> int:
-    """Read x and y, write out: 3n elements."""
-    return 3 * n * dtype.itemsize
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,19 +137,6 @@ def softmax(x: Tensor) -> Tensor:
     num_warps = 4 if block < 2048 else 8 if block < 8192 else 16
     softmax_kernel[(n_rows,)](out, x, x.stride(0), out.stride(0), n_cols, BLOCK_SIZE=block, num_warps=num_warps)
     return out
-
-
-def softmax_flops(n_rows: int, n_cols: int) -> int:
-    """Per element: compare for the max, subtract, exp, add for the sum, divide (exp counted as 1)."""
-    return 5 * n_rows * n_cols
-
-
-def softmax_bytes(n_rows: int, n_cols: int, dtype: torch.dtype, fused: bool = True) -> int:
-    """DRAM traffic: fused reads and writes each element once; the five-op torch version (see
-    `softmax_reference`) reads 5MN + 2M and writes 3MN + 2M elements."""
-    m, n = n_rows, n_cols
-    elements = 2 * m * n if fused else (5 * m * n + 2 * m) + (3 * m * n + 2 * m)
-    return elements * dtype.itemsize
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,25 +230,3 @@ def matmul(a: Tensor, b: Tensor, **config) -> Tensor:
     return c
 
 
-def matmul_flops(M: int, N: int, K: int) -> int:
-    """A multiply and an add for each of the M*N*K products."""
-    return 2 * M * N * K
-
-
-def matmul_bytes(M: int, N: int, K: int, dtype: torch.dtype, block_m: int | None = None,
-                 block_n: int | None = None) -> int:
-    """DRAM traffic of C = A @ B. Without blocks: the ideal, each matrix moved once (MK + KN + MN).
-    With (block_m, block_n) and no cache: every tile of C re-reads its rows of A and columns of B,
-    so A is read ceil(N / block_n) times and B ceil(M / block_m) times; L2 (and grouped ordering)
-    is what brings the real figure down towards the ideal."""
-    if block_m is None or block_n is None:
-        elements = M * K + K * N + M * N
-    else:
-        elements = M * K * -(-N // block_n) + K * N * -(-M // block_m) + M * N
-    return elements * dtype.itemsize
-
-
-def arithmetic_intensity(flops: int, n_bytes: int) -> float:
-    """FLOPs per byte moved: compare it with the device's peak FLOP/s divided by its bandwidth (the
-    roofline's ridge point) to see whether a kernel is bound by memory or by compute."""
-    return flops / n_bytes if n_bytes else float("inf")

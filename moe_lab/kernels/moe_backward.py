@@ -28,29 +28,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_lab.kernels.moe_gemm import ROW_BLOCK_CONFIGS, _configs, dot_precision, moe_combine, new_buffer
+from typing import Optional
+
+from moe_lab.kernels import config_table as CT
+from moe_lab.kernels import moe_gemm
+from moe_lab.kernels.moe_gemm import (autotuned, dot_precision, kernel_choice, launch_meta, moe_combine, new_buffer,
+                                      row_block_tile, row_grid)
 from moe_lab.kernels.moe_routing import MoEAlignment
 
 import triton  # noqa: E402  (after moe_lab.kernels: it decides whether kernels are interpreted)
 import triton.language as tl  # noqa: E402
 
-# Weight-gradient kernels tile the weight (BLOCK_M x BLOCK_N) and step through an expert's rows by BLOCK_K.
-WEIGHT_GRAD_CONFIGS = _configs(
-    interpreter=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
-    gpu=[dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3),
-         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)],
-)
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. Through w2 and SwiGLU: g = dy[t] @ w2[e]^T, then dweights, da1, da3 in the epilogue
 # ----------------------------------------------------------------------------------------------
-# reset_to_zero: configs with different BLOCK_N write different columns of dw_part; while autotuning
-# compares them, a wider config must not leave a narrower one's partial sums behind.
-@triton.autotune(configs=ROW_BLOCK_CONFIGS, key=["d", "f", "BLOCK_M"], reset_to_zero=["dw_part_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_assignments", "n_blocks", "top_k"])
 def moe_swiglu_backward_kernel(
     dy_ptr,  # (T, d) gradient of the layer's output, gathered by token
     w2_ptr,  # (E, f, d) down projections, read transposed
@@ -59,23 +51,23 @@ def moe_swiglu_backward_kernel(
     da1_ptr, da3_ptr,  # (max_rows, f) out: gradients of a1 and a3 (same strides as a1)
     dw_part_ptr,  # (T * TOP_K, n_tiles_f) float32 out: sum over this program's f-columns of g * h
     sorted_ids_ptr, block_expert_ptr,  # the layout (see moe_routing)
-    n_assignments, d, f,  # T * TOP_K, the reduction width (d) and the output width (f)
+    n_assignments, n_blocks,  # T * TOP_K; blocks of BLOCK_M rows in the layout
+    d, f,  # the reduction width (d) and the output width (f)
     stride_dyt, stride_dyd,  # dy's strides
     stride_we, stride_wf, stride_wd,  # w2's strides (expert, f, d)
     stride_ar, stride_af,  # a1's strides, shared by a3, da1, da3
     stride_pr,  # dw_part's row stride (its column stride is 1)
-    TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    top_k, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)  # which block of f columns
+    pid_m, pid_n = row_block_tile(n_blocks, f, BLOCK_N, GROUP_M)  # which block of rows, which of f's columns
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) sorted rows
     flat = tl.load(sorted_ids_ptr + offs_m)
     row_ok = flat < n_assignments
-    tok = (flat // TOP_K).to(tl.int64)
+    tok = (flat // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) columns of f
     n_ok = offs_n < f
 
@@ -109,22 +101,21 @@ def moe_swiglu_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 # 2. dx per assignment: da1 @ w1[e]^T + da3 @ w3[e]^T
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=ROW_BLOCK_CONFIGS, key=["f", "d", "BLOCK_M"], reset_to_zero=["out_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_assignments", "n_blocks", "top_k"])
 def moe_dx_kernel(
     da1_ptr, da3_ptr,  # (max_rows, f) from moe_swiglu_backward_kernel
     w1_ptr, w3_ptr,  # (E, d, f), read transposed
     out_ptr,  # ATOMIC=False: (T * TOP_K, d) one row per assignment; ATOMIC=True: (T, d) float32, zeroed
     sorted_ids_ptr, block_expert_ptr,
-    n_assignments, f, d,  # T * TOP_K, the reduction width (f), the output width (d)
+    n_assignments, n_blocks,  # T * TOP_K; blocks of BLOCK_M rows in the layout
+    f, d,  # the reduction width (f), the output width (d)
     stride_ar, stride_af,  # da1's strides, shared by da3
     stride_we, stride_wd, stride_wf,  # w1's strides, shared by w3
     stride_or, stride_od,  # out's strides
-    TOP_K: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    top_k, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)  # which block of d columns
+    pid_m, pid_n = row_block_tile(n_blocks, d, BLOCK_N, GROUP_M)  # which block of rows, which of d's columns
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
@@ -157,7 +148,7 @@ def moe_dx_kernel(
 
     mask = row_ok[:, None] & n_ok[None, :]
     if ATOMIC:
-        tok = (flat // TOP_K).to(tl.int64)
+        tok = (flat // top_k).to(tl.int64)
         tl.atomic_add(out_ptr + tok[:, None] * stride_or + offs_n[None, :] * stride_od, acc, mask=mask)
     else:
         tl.store(out_ptr + flat.to(tl.int64)[:, None] * stride_or + offs_n[None, :] * stride_od,
@@ -167,8 +158,7 @@ def moe_dx_kernel(
 # ----------------------------------------------------------------------------------------------
 # 3. Weight gradients: for each expert, a GEMM whose reduction runs over that expert's rows
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["d", "f"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_assignments", "top_k"])
 def moe_dw13_kernel(
     x_ptr,  # (T, d) token activations, gathered by token
     da1_ptr, da3_ptr,  # (max_rows, f)
@@ -178,14 +168,18 @@ def moe_dw13_kernel(
     stride_xt, stride_xd,
     stride_ar, stride_af,  # da1's strides, shared by da3
     stride_we, stride_wd, stride_wf,  # dw1's strides, shared by dw3
-    TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    top_k, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows of dw (d) per program
     BLOCK_N: tl.constexpr,  # columns of dw (f) per program
     BLOCK_K: tl.constexpr,  # sorted rows per step of the reduction
 ):
-    e = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) along d
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) along f
+    # Grid (tiles of the weight, experts): an expert's tiles run back to back, so its rows of x, da1
+    # and da3 are read from memory once and served from L2 to its other tiles.
+    tile = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    n_tiles_n = tl.cdiv(f, BLOCK_N)
+    offs_m = (tile // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) along d
+    offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) along f
     m_ok = offs_m < d
     n_ok = offs_n < f
     start = tl.load(offsets_ptr + e)
@@ -197,7 +191,7 @@ def moe_dw13_kernel(
         in_e = offs_r < end  # BLOCK_K need not divide the expert's padded rows
         flat = tl.load(sorted_ids_ptr + offs_r, mask=in_e, other=n_assignments)
         r_ok = flat < n_assignments
-        tok = (flat // TOP_K).to(tl.int64)
+        tok = (flat // top_k).to(tl.int64)
         xt = tl.load(x_ptr + tok[None, :] * stride_xt + offs_m[:, None] * stride_xd,
                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K) = x[rows]^T
         g_off = offs_r.to(tl.int64)[:, None] * stride_ar + offs_n[None, :] * stride_af  # (BLOCK_K, BLOCK_N)
@@ -210,8 +204,7 @@ def moe_dw13_kernel(
     tl.store(dw3_ptr + out, acc3.to(dw3_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["f", "d"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_assignments", "top_k"])
 def moe_dw2_kernel(
     h_ptr,  # (max_rows, f) the forward's SwiGLU output
     dy_ptr,  # (T, d) gradient of the output, gathered by token
@@ -222,14 +215,16 @@ def moe_dw2_kernel(
     stride_hr, stride_hf,
     stride_dyt, stride_dyd,
     stride_we, stride_wf, stride_wd,  # dw2's strides (expert, f, d)
-    TOP_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    top_k, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows of dw2 (f) per program
     BLOCK_N: tl.constexpr,  # columns of dw2 (d) per program
     BLOCK_K: tl.constexpr,  # sorted rows per step
 ):
-    e = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # along f
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)  # along d
+    tile = tl.program_id(0)  # grid (tiles of the weight, experts), as in moe_dw13_kernel
+    e = tl.program_id(1).to(tl.int64)
+    n_tiles_n = tl.cdiv(d, BLOCK_N)
+    offs_m = (tile // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # along f
+    offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)  # along d
     m_ok = offs_m < f
     n_ok = offs_n < d
     start = tl.load(offsets_ptr + e)
@@ -240,7 +235,7 @@ def moe_dw2_kernel(
         in_e = offs_r < end
         flat = tl.load(sorted_ids_ptr + offs_r, mask=in_e, other=n_assignments)
         r_ok = flat < n_assignments
-        tok = (flat // TOP_K).to(tl.int64)
+        tok = (flat // top_k).to(tl.int64)
         ht = tl.load(h_ptr + offs_r.to(tl.int64)[None, :] * stride_hr + offs_m[:, None] * stride_hf,
                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K) = h[rows]^T
         dyb = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_n[None, :] * stride_dyd,
@@ -255,11 +250,28 @@ def moe_dw2_kernel(
 # ----------------------------------------------------------------------------------------------
 # The launcher: all gradients of experts(x, expert_idx, weights, w1, w3, w2)
 # ----------------------------------------------------------------------------------------------
+def _weight_grid(E: int, rows: int, cols: int):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), E)
+
+
+def _launch(kernel: str, fn, grid_of, args: tuple, fixed: dict, cfg: Optional[CT.KernelConfig], key: list,
+            block_m: Optional[int] = None, reset_to_zero: Optional[list] = None) -> None:
+    """Launch `fn` with `cfg`, or through opt-in autotuning when cfg is None (grid_of(meta) -> grid)."""
+    row = kernel in CT.ROW_KERNELS
+    if cfg is None:
+        autotuned(kernel, fn, key, block_m, reset_to_zero)[grid_of](*args, **fixed)
+    else:
+        fn[grid_of(cfg.meta)](*args, **fixed, **launch_meta(cfg, row))
+
+
 def moe_experts_backward(dy: Tensor, x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor,
                          w2: Tensor, h: Tensor, a1: Tensor, a3: Tensor, align: MoEAlignment,
-                         needs: tuple[bool, bool, bool, bool, bool] = (True,) * 5, combine: str = "ordered"):
+                         needs: tuple[bool, bool, bool, bool, bool] = (True,) * 5, combine: str = "ordered",
+                         configs: Optional[dict] = None):
     """Gradients (dx, dweights, dw1, dw3, dw2), None where `needs` (same order) says it is not wanted.
-    h, a1, a3 are the forward's buffers (moe_up with save_preact=True)."""
+    h, a1, a3 are the forward's buffers (moe_up with save_preact=True). configs: {kernel name:
+    KernelConfig} for "swiglu_backward", "dx", "dw13", "dw2" (default: config_table's choice for
+    training over this layout; opt-in autotuning when MOE_LAB_TRITON_AUTOTUNE=1)."""
     need_dx, need_dweights, need_dw1, need_dw3, need_dw2 = needs
     E, d, f = w1.shape
     T, top_k = expert_idx.shape
@@ -269,52 +281,52 @@ def moe_experts_backward(dy: Tensor, x: Tensor, expert_idx: Tensor, weights: Ten
     if w3.stride() != w1.stride():  # moe_dx_kernel walks both with one set of strides
         w1, w3 = w1.contiguous(), w3.contiguous()
     flat_weights = weights.reshape(-1)
+    if configs is None and not moe_gemm.AUTOTUNE:
+        configs = kernel_choice(x.dtype, dev, d, f, E, top_k, T, training=True, block_m=align.block_m).configs
+    cfg = (lambda k: None) if configs is None else configs.__getitem__
+    nb = align.max_blocks
     dx = dweights = dw1 = dw3 = dw2 = None
 
     if need_dx or need_dweights or need_dw1 or need_dw3:
         da1 = new_buffer(a1.shape, x.dtype, dev)
         da3 = new_buffer(a1.shape, x.dtype, dev)
-        n_tiles_f = max(1, triton.cdiv(f, min(c.kwargs["BLOCK_N"] for c in ROW_BLOCK_CONFIGS)))
-        dw_part = torch.zeros((A, n_tiles_f), dtype=torch.float32, device=dev)  # unwritten tiles add 0
-        if align.max_blocks and f:
-            grid = lambda meta: (align.max_blocks, triton.cdiv(f, meta["BLOCK_N"]))  # noqa: E731
-            moe_swiglu_backward_kernel[grid](
-                dy, w2, flat_weights, a1, a3, da1, da3, dw_part, align.sorted_ids, align.block_expert, A, d, f,
-                dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), a1.stride(0), a1.stride(1),
-                dw_part.stride(0), TOP_K=top_k, DOT_PRECISION=prec, BLOCK_M=align.block_m,
-            )
+        c = cfg("swiglu_backward")
+        narrowest = c.BLOCK_N if c is not None else min(k.BLOCK_N for k in CT.space("swiglu_backward", align.block_m, "autotune"))
+        dw_part = torch.zeros((A, max(1, triton.cdiv(f, narrowest))), dtype=torch.float32, device=dev)  # unwritten tiles add 0
+        if nb and f:
+            _launch("swiglu_backward", moe_swiglu_backward_kernel, lambda meta: row_grid(nb, f, meta["BLOCK_N"]),
+                    (dy, w2, flat_weights, a1, a3, da1, da3, dw_part, align.sorted_ids, align.block_expert, A, nb, d, f,
+                     dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), a1.stride(0), a1.stride(1),
+                     dw_part.stride(0)),
+                    dict(top_k=top_k, DOT_PRECISION=prec, BLOCK_M=align.block_m), c, ["d", "f", "BLOCK_M"],
+                    align.block_m, reset_to_zero=["dw_part_ptr"])  # autotuning: configs write different columns
         if need_dweights:
             dweights = dw_part.sum(dim=1).reshape(T, top_k).to(weights.dtype)  # (T, top_k)
         if need_dx:
             atomic = combine == "atomic"
             out = torch.zeros((T, d), dtype=torch.float32, device=dev) if atomic else new_buffer((A, d), x.dtype, dev)
-            if align.max_blocks and d:
-                grid = lambda meta: (align.max_blocks, triton.cdiv(d, meta["BLOCK_N"]))  # noqa: E731
-                moe_dx_kernel[grid](
-                    da1, da3, w1, w3, out, align.sorted_ids, align.block_expert, A, f, d,
-                    da1.stride(0), da1.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
-                    out.stride(0), out.stride(1), TOP_K=top_k, ATOMIC=atomic, DOT_PRECISION=prec,
-                    BLOCK_M=align.block_m,
-                )
+            if nb and d:
+                _launch("dx", moe_dx_kernel, lambda meta: row_grid(nb, d, meta["BLOCK_N"]),
+                        (da1, da3, w1, w3, out, align.sorted_ids, align.block_expert, A, nb, f, d,
+                         da1.stride(0), da1.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+                         out.stride(0), out.stride(1)),
+                        dict(top_k=top_k, ATOMIC=atomic, DOT_PRECISION=prec, BLOCK_M=align.block_m), cfg("dx"),
+                        ["f", "d", "BLOCK_M"], align.block_m, reset_to_zero=["out_ptr"])
             dx = out.to(x.dtype) if atomic else moe_combine(out, expert_idx)
         if need_dw1 or need_dw3:
             dw1, dw3 = new_buffer(w1.shape, w1.dtype, dev), new_buffer(w3.shape, w3.dtype, dev)
             if d and f:
-                grid = lambda meta: (E, triton.cdiv(d, meta["BLOCK_M"]), triton.cdiv(f, meta["BLOCK_N"]))  # noqa: E731
-                moe_dw13_kernel[grid](
-                    x, da1, da3, dw1, dw3, align.sorted_ids, align.offsets, A, d, f, x.stride(0), x.stride(1),
-                    da1.stride(0), da1.stride(1), dw1.stride(0), dw1.stride(1), dw1.stride(2),
-                    TOP_K=top_k, DOT_PRECISION=prec,
-                )
+                _launch("dw13", moe_dw13_kernel, _weight_grid(E, d, f),
+                        (x, da1, da3, dw1, dw3, align.sorted_ids, align.offsets, A, d, f, x.stride(0), x.stride(1),
+                         da1.stride(0), da1.stride(1), dw1.stride(0), dw1.stride(1), dw1.stride(2)),
+                        dict(top_k=top_k, DOT_PRECISION=prec), cfg("dw13"), ["d", "f"])
             dw1, dw3 = (dw1 if need_dw1 else None), (dw3 if need_dw3 else None)
 
     if need_dw2:
         dw2 = new_buffer(w2.shape, w2.dtype, dev)
         if d and f:
-            grid = lambda meta: (E, triton.cdiv(f, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_N"]))  # noqa: E731
-            moe_dw2_kernel[grid](
-                h, dy, flat_weights, dw2, align.sorted_ids, align.offsets, A, f, d, h.stride(0), h.stride(1),
-                dy.stride(0), dy.stride(1), dw2.stride(0), dw2.stride(1), dw2.stride(2),
-                TOP_K=top_k, DOT_PRECISION=prec,
-            )
+            _launch("dw2", moe_dw2_kernel, _weight_grid(E, f, d),
+                    (h, dy, flat_weights, dw2, align.sorted_ids, align.offsets, A, f, d, h.stride(0), h.stride(1),
+                     dy.stride(0), dy.stride(1), dw2.stride(0), dw2.stride(1), dw2.stride(2)),
+                    dict(top_k=top_k, DOT_PRECISION=prec), cfg("dw2"), ["f", "d"])
     return dx, dweights, dw1, dw3, dw2

@@ -14,30 +14,57 @@ block (MegaBlocks, Gale et al. 2022; vLLM's fused_moe). For SwiGLU experts (Shaz
     3. combine: y[t]  = sum_j o[t*top_k + j]  over the assignments that were not dropped,
                 in the fixed order j = 0..top_k-1: the same bits on every run.
 
-Configurations: compiled on a GPU, `triton.autotune` picks BLOCK_N / BLOCK_K / warps / stages for each
-problem shape (set MOE_LAB_TRITON_AUTOTUNE=0 for one fixed configuration); under the interpreter there
-is one small configuration. BLOCK_M is not tuned: it is fixed by the layout, chosen by `pick_block_m`.
+Program order. The row-block kernels run on a one-dimensional grid of (row blocks) x (column tiles)
+programs. `row_block_tile` maps a program to its tile: GROUP_M row blocks walk the column tiles
+together, so with GROUP_M = 1 all column tiles of one row block run back to back (its gathered rows
+are read from memory once, and the expert's weights stay in L2 while its row blocks pass); with a
+large GROUP_M, neighbouring programs share a weight tile across many row blocks. Which is faster
+depends on the shape: the tuner measures it.
+
+Configurations (BLOCK_N, BLOCK_K, GROUP_M, warps, stages; BLOCK_M is the layout's): picked by
+moe_lab.kernels.config_table from the device's tuned table, or its heuristic, with no timing at run
+time; `MOE_LAB_TRITON_AUTOTUNE=1` opts into `triton.autotune` instead. Under the interpreter there is
+one small configuration. Sizes that change with the number of tokens (n_assignments, the number of
+row blocks) are plain arguments, not specialised by the compiler, so a sweep over token counts
+compiles each kernel once per configuration.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from moe_lab.kernels import INTERPRETED
+from moe_lab.kernels import config_table as CT
 
 import triton  # noqa: E402  (after moe_lab.kernels: it decides whether kernels are interpreted)
 import triton.language as tl  # noqa: E402
 
 from moe_lab.kernels.moe_routing import MoEAlignment  # noqa: E402
 
-AUTOTUNE: bool = not INTERPRETED and os.environ.get("MOE_LAB_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no")
-"""Whether kernels are autotuned (compiled on a GPU, unless MOE_LAB_TRITON_AUTOTUNE=0)."""
+AUTOTUNE: bool = not INTERPRETED and os.environ.get("MOE_LAB_TRITON_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes")
+"""Opt-in: time configurations with `triton.autotune` on each new shape instead of using the tuned
+table (MOE_LAB_TRITON_AUTOTUNE=1; notebook 07 shows what it does)."""
 
 POISON_OUTPUTS: bool = False
 """Debugging switch used by the tests: fill every buffer a kernel writes with NaN before the launch,
 so an element the kernel forgot to write shows up as NaN instead of as stale memory."""
+
+
+@contextmanager
+def poisoned_outputs():
+    """Within the block, every buffer a kernel writes starts as NaN (POISON_OUTPUTS), so an element a
+    kernel forgot to write reads NaN instead of stale memory."""
+    global POISON_OUTPUTS
+    before, POISON_OUTPUTS = POISON_OUTPUTS, True
+    try:
+        yield
+    finally:
+        POISON_OUTPUTS = before
 
 
 def new_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -47,32 +74,71 @@ def new_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _configs(interpreter: dict, gpu: list[dict]) -> list:
-    """One small configuration under the interpreter (or with autotuning off), the GPU list otherwise."""
-    chosen = gpu if AUTOTUNE else [interpreter if INTERPRETED else gpu[0]]
-    out = []
-    for c in chosen:
-        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-        out.append(triton.Config(meta, num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 1)))
-    return out
+def kernel_choice(dtype: torch.dtype, device, d_model: int, d_expert: int, n_experts: int, top_k: int, tokens: int,
+                  training: bool, block_m: Optional[int] = None) -> CT.Choice:
+    """The configurations of every kernel for one call of the expert path (see config_table.choose):
+    the interpreter's, the device's tuned table's, or the heuristic's. Remembered per problem, so a
+    call costs a dictionary lookup."""
+    dev = torch.device(device)
+    index = None if INTERPRETED or dev.type != "cuda" else (dev.index if dev.index is not None else torch.cuda.current_device())
+    return _kernel_choice(dtype, index, d_model, d_expert, n_experts, top_k, tokens, training, block_m)
 
 
-# Kernels whose programs own a block of BLOCK_M sorted rows tune the output width and the reduction step.
-ROW_BLOCK_CONFIGS = _configs(
-    interpreter=dict(BLOCK_N=32, BLOCK_K=32),
-    gpu=[dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-         dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
-         dict(BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
-         dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)],
-)
+@lru_cache(maxsize=4096)
+def _kernel_choice(dtype, cuda_index, d_model, d_expert, n_experts, top_k, tokens, training, block_m) -> CT.Choice:
+    if INTERPRETED or cuda_index is None:
+        return CT.choose(dtype, d_model, d_expert, n_experts, top_k, tokens, training, interpreted=True, block_m=block_m)
+    limits = CT.device_limits(torch.device("cuda", cuda_index))
+    return CT.choose(dtype, d_model, d_expert, n_experts, top_k, tokens, training, limits=limits,
+                     table=CT.table_for(limits.name), block_m=block_m)
+
+
+def config_for(kernel: str, align: MoEAlignment, dtype: torch.dtype, device, d_model: int, d_expert: int,
+               training: bool = False) -> CT.KernelConfig:
+    """The configuration of one kernel over an existing layout (its block_m is kept)."""
+    n_experts = align.counts.numel()
+    tokens = align.n_assignments // max(1, align.top_k)
+    return kernel_choice(dtype, device, d_model, d_expert, n_experts, align.top_k, tokens, training,
+                         block_m=align.block_m).configs[kernel]
+
+
+def launch_meta(cfg: CT.KernelConfig, row_block: bool) -> dict:
+    """Keyword arguments of a launch: the tile constexprs (without BLOCK_M for row-block kernels, whose
+    BLOCK_M is the layout's; without GROUP_M for the weight-gradient kernels) and, when compiled,
+    num_warps and num_stages."""
+    meta = cfg.constexprs
+    if row_block:
+        meta.pop("BLOCK_M")
+    else:  # the weight-gradient kernels have a fixed program order
+        meta.pop("GROUP_M")
+    if not INTERPRETED:
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return meta
+
+
+_AUTOTUNED: dict = {}
+
+
+def autotuned(kernel: str, fn, key: list, block_m: Optional[int] = None, reset_to_zero: Optional[list] = None):
+    """`fn` wrapped in `triton.autotune` over config_table.space(kernel, size="autotune"): the opt-in
+    (MOE_LAB_TRITON_AUTOTUNE=1) that times a few configurations on every new `key`."""
+    row = kernel in CT.ROW_KERNELS
+    cache_key = (kernel, block_m if row else None)
+    if cache_key not in _AUTOTUNED:
+        configs = []
+        for c in CT.space(kernel, block_m if row else None, size="autotune"):
+            meta = {k: v for k, v in launch_meta(c, row).items() if k not in ("num_warps", "num_stages")}
+            configs.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
+        _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(fn)
+    return _AUTOTUNED[cache_key]
 
 
 def pick_block_m(n_assignments: int, n_experts: int) -> int:
-    """Rows per block of the layout: the power of two near the average rows per expert, at least 16
-    (tl.dot's minimum when compiled) and at most 64 (padding wastes < 64 rows per expert); at most 32
-    under the interpreter, which pays per program and per loop step, not per element."""
-    avg = max(1, n_assignments // max(1, n_experts))
-    return min(32 if INTERPRETED else 64, max(16, triton.next_power_of_2(avg)))
+    """Rows per block of the layout when no table says otherwise: the power of two at or above the
+    average rows per expert, at least 16 (tl.dot's minimum when compiled) and at most 128 (padding
+    wastes < 128 rows per expert); at most 32 under the interpreter, which pays per program and per
+    loop step, not per element."""
+    return CT.block_m_for(n_assignments / max(1, n_experts), largest=32 if INTERPRETED else 128)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -81,11 +147,30 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def row_block_tile(n_blocks, n_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column tile) of this program on the one-dimensional grid n_blocks x cdiv(n_cols,
+    BLOCK_N): GROUP_M row blocks walk the column tiles together (the grouped order of notebook 05's
+    matmul; GROUP_M = 1 runs a row block's column tiles back to back)."""
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(n_cols, BLOCK_N)
+    tiles_per_group = GROUP_M * n_tiles_n
+    group = pid // tiles_per_group
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(n_blocks - first_m, GROUP_M)  # the last group may be shorter
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+def row_grid(n_blocks: int, n_cols: int, block_n: int) -> tuple:
+    return (n_blocks * triton.cdiv(n_cols, block_n),)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Up projection with SwiGLU in the epilogue
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=ROW_BLOCK_CONFIGS, key=["d", "f", "BLOCK_M"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_assignments", "n_blocks", "top_k"])
 def moe_up_kernel(
     x_ptr,  # (T, d) token activations, read row by row through the gather
     w1_ptr, w3_ptr,  # (E, d, f) gate and up projections (w3 has w1's strides)
@@ -94,26 +179,27 @@ def moe_up_kernel(
     sorted_ids_ptr,  # (max_rows,) flat assignment index of each row; >= n_assignments marks padding
     block_expert_ptr,  # (max_blocks,) expert of each block of BLOCK_M rows; -1: unused block
     n_assignments,  # T * TOP_K, the padding sentinel
+    n_blocks,  # blocks of BLOCK_M rows in the layout (max_blocks)
     d, f,  # the reduction width (x's columns) and the output width (the expert's hidden size)
     stride_xt, stride_xd,  # x's strides (token, feature)
     stride_we, stride_wd, stride_wf,  # w1's and w3's strides (expert, d, f)
     stride_hr, stride_hf,  # h's strides (row, column), shared by a1 and a3
-    TOP_K: tl.constexpr,  # assignments per token: token = flat index // TOP_K
+    top_k,  # assignments per token: token = flat index // top_k
     SAVE_PREACT: tl.constexpr,  # also write a1 and a3 (training)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32, see dot_precision
     BLOCK_M: tl.constexpr,  # rows per program; equals the layout's block_m
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # row blocks that walk the column tiles together (program order)
 ):
-    pid_m = tl.program_id(0)  # which block of sorted rows (consecutive programs share the w tile)
-    pid_n = tl.program_id(1)  # which block of the f columns
+    pid_m, pid_n = row_block_tile(n_blocks, f, BLOCK_N, GROUP_M)  # which block of rows, which of f's columns
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:  # past the last used row: nothing to do
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) sorted rows
     flat = tl.load(sorted_ids_ptr + offs_m)  # (BLOCK_M,) assignment index of each row
     row_ok = flat < n_assignments  # padding rows compute zeros and are not stored
-    tok = (flat // TOP_K).to(tl.int64)  # (BLOCK_M,) the token each row gathers from x
+    tok = (flat // top_k).to(tl.int64)  # (BLOCK_M,) the token each row gathers from x
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     n_ok = offs_n < f
 
@@ -144,32 +230,36 @@ def moe_up_kernel(
         tl.store(a3_ptr + out_off, acc3.to(a3_ptr.dtype.element_ty), mask=out_mask)
 
 
-def moe_up(x: Tensor, w1: Tensor, w3: Tensor, align: MoEAlignment, save_preact: bool = False):
+def moe_up(x: Tensor, w1: Tensor, w3: Tensor, align: MoEAlignment, save_preact: bool = False,
+           config: Optional[CT.KernelConfig] = None):
     """Launch `moe_up_kernel`. Returns (h, a1, a3), each (max_rows, f) in x's dtype, rows in the
-    layout's order (only rows of real assignments are written); a1 = a3 = None unless save_preact."""
+    layout's order (only rows of real assignments are written); a1 = a3 = None unless save_preact.
+    config: the launch configuration (default: config_table's choice for this problem)."""
     if w3.stride() != w1.stride():  # the kernel walks both with one set of strides
         w1, w3 = w1.contiguous(), w3.contiguous()
-    f = w1.shape[2]
+    d, f = w1.shape[1], w1.shape[2]
     h = new_buffer((align.max_rows, f), x.dtype, x.device)
     a1 = new_buffer(h.shape, x.dtype, x.device) if save_preact else None
     a3 = new_buffer(h.shape, x.dtype, x.device) if save_preact else None
     if align.max_blocks == 0 or f == 0:
         return h, a1, a3
-    grid = lambda meta: (align.max_blocks, triton.cdiv(f, meta["BLOCK_N"]))  # noqa: E731
-    moe_up_kernel[grid](
-        x, w1, w3, h, a1 if save_preact else h, a3 if save_preact else h,
-        align.sorted_ids, align.block_expert, align.n_assignments, x.shape[1], f,
-        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), h.stride(0), h.stride(1),
-        TOP_K=align.top_k, SAVE_PREACT=save_preact, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=align.block_m,
-    )
+    args = (x, w1, w3, h, a1 if save_preact else h, a3 if save_preact else h,
+            align.sorted_ids, align.block_expert, align.n_assignments, align.max_blocks, d, f,
+            x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), h.stride(0), h.stride(1))
+    fixed = dict(top_k=align.top_k, SAVE_PREACT=save_preact, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=align.block_m)
+    if AUTOTUNE and config is None:
+        kern = autotuned("up", moe_up_kernel, ["d", "f", "BLOCK_M"], align.block_m)
+        kern[lambda meta: row_grid(align.max_blocks, f, meta["BLOCK_N"])](*args, **fixed)
+    else:
+        cfg = config or config_for("up", align, x.dtype, x.device, d, f, training=save_preact)
+        moe_up_kernel[row_grid(align.max_blocks, f, cfg.BLOCK_N)](*args, **fixed, **launch_meta(cfg, True))
     return h, a1, a3
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. Down projection, weighted in the epilogue, written to each assignment's slot
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=ROW_BLOCK_CONFIGS, key=["f", "d", "BLOCK_M"], reset_to_zero=["out_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["n_assignments", "n_blocks", "top_k"])
 def moe_down_kernel(
     h_ptr,  # (max_rows, f) the up kernel's output, in the layout's row order
     w2_ptr,  # (E, f, d) down projections
@@ -178,17 +268,17 @@ def moe_down_kernel(
     sorted_ids_ptr,  # (max_rows,) flat assignment index of each row; >= n_assignments marks padding
     block_expert_ptr,  # (max_blocks,) expert of each block; -1: unused
     n_assignments,  # T * TOP_K
+    n_blocks,  # blocks of BLOCK_M rows in the layout
     f, d,  # the reduction width and the output width
     stride_hr, stride_hf,  # h's strides
     stride_we, stride_wf, stride_wd,  # w2's strides (expert, f, d)
     stride_or, stride_od,  # out's strides (row, column)
-    TOP_K: tl.constexpr,  # assignments per token
+    top_k,  # assignments per token
     ATOMIC: tl.constexpr,  # add into y[token] with atomics instead of writing the assignment's row
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = row_block_tile(n_blocks, d, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
@@ -214,7 +304,7 @@ def moe_down_kernel(
     acc = acc * gate[:, None]  # weight each expert output by its routing weight
     mask = row_ok[:, None] & n_ok[None, :]
     if ATOMIC:
-        tok = (flat // TOP_K).to(tl.int64)
+        tok = (flat // top_k).to(tl.int64)
         tl.atomic_add(out_ptr + tok[:, None] * stride_or + offs_n[None, :] * stride_od, acc, mask=mask)
     else:
         out_off = flat.to(tl.int64)[:, None] * stride_or + offs_n[None, :] * stride_od
@@ -224,7 +314,7 @@ def moe_down_kernel(
 # ----------------------------------------------------------------------------------------------
 # 3. Combine: sum each token's assignment rows in a fixed order
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def moe_combine_kernel(
     buf_ptr,  # (T * TOP_K, d) one row per assignment; rows of dropped assignments are never read
     expert_idx_ptr,  # (T * TOP_K,) expert of each assignment, -1 = dropped
@@ -257,7 +347,8 @@ def moe_combine(buf: Tensor, expert_idx: Tensor) -> Tensor:
     y = new_buffer((T, d), buf.dtype, buf.device)
     if T == 0 or d == 0:
         return y
-    block_t, block_d = (32, 32) if INTERPRETED else (16, 128)
+    # A memory-bound pass: 8 tokens x 256 columns per program, 16-byte loads of 16-bit rows.
+    block_t, block_d = (32, 32) if INTERPRETED else (8, 256)
     grid = (triton.cdiv(T, block_t), triton.cdiv(d, block_d))
     moe_combine_kernel[grid](buf, expert_idx.reshape(-1).contiguous(), y, T, d, buf.stride(0), buf.stride(1),
                              y.stride(0), y.stride(1), TOP_K=top_k, BLOCK_T=block_t, BLOCK_D=block_d)
@@ -265,11 +356,12 @@ def moe_combine(buf: Tensor, expert_idx: Tensor) -> Tensor:
 
 
 def moe_down(h: Tensor, w2: Tensor, weights: Tensor, expert_idx: Tensor, align: MoEAlignment,
-             combine: str = "ordered") -> Tensor:
+             combine: str = "ordered", config: Optional[CT.KernelConfig] = None) -> Tensor:
     """Launch `moe_down_kernel` and combine: y (T, d) in h's dtype. combine="ordered" (default) writes
-    each assignment's row and sums them in a fixed order; "atomic" adds into y with atomics."""
+    each assignment's row and sums them in a fixed order; "atomic" adds into y with atomics.
+    config: the launch configuration (default: config_table's choice for this problem)."""
     T = expert_idx.shape[0]
-    d = w2.shape[2]
+    f, d = w2.shape[1], w2.shape[2]
     A = align.n_assignments
     atomic = combine == "atomic"
     if atomic:
@@ -277,10 +369,13 @@ def moe_down(h: Tensor, w2: Tensor, weights: Tensor, expert_idx: Tensor, align: 
     else:
         out = new_buffer((A, d), h.dtype, h.device)  # (T * top_k, d)
     if align.max_blocks and d:
-        grid = lambda meta: (align.max_blocks, triton.cdiv(d, meta["BLOCK_N"]))  # noqa: E731
-        moe_down_kernel[grid](
-            h, w2, weights.reshape(-1), out, align.sorted_ids, align.block_expert, A, w2.shape[1], d,
-            h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1),
-            TOP_K=align.top_k, ATOMIC=atomic, DOT_PRECISION=dot_precision(h.dtype), BLOCK_M=align.block_m,
-        )
+        args = (h, w2, weights.reshape(-1), out, align.sorted_ids, align.block_expert, A, align.max_blocks, f, d,
+                h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1))
+        fixed = dict(top_k=align.top_k, ATOMIC=atomic, DOT_PRECISION=dot_precision(h.dtype), BLOCK_M=align.block_m)
+        if AUTOTUNE and config is None:
+            kern = autotuned("down", moe_down_kernel, ["f", "d", "BLOCK_M"], align.block_m, reset_to_zero=["out_ptr"])
+            kern[lambda meta: row_grid(align.max_blocks, d, meta["BLOCK_N"])](*args, **fixed)
+        else:
+            cfg = config or config_for("down", align, h.dtype, h.device, d, f)
+            moe_down_kernel[row_grid(align.max_blocks, d, cfg.BLOCK_N)](*args, **fixed, **launch_meta(cfg, True))
     return out.to(h.dtype) if atomic else moe_combine(out, expert_idx)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moe_lab.cost import max_padded_rows  # noqa: F401  (the layout's size bound, defined with the cost model)
+
 
 @dataclass(frozen=True)
 class MoEAlignment:
@@ -56,13 +58,6 @@ class MoEAlignment:
     @property
     def max_blocks(self) -> int:
         return self.block_expert.numel()
-
-
-def max_padded_rows(n_assignments: int, n_experts: int, block_m: int) -> int:
-    """Rows the layout may need, known without looking at the routing: each non-empty expert (at most
-    min(E, A) of them) wastes fewer than block_m rows of padding. Rounded up to whole blocks."""
-    rows = n_assignments + min(n_experts, n_assignments) * (block_m - 1)
-    return -(-rows // block_m) * block_m
 
 
 def moe_align(expert_idx: Tensor, n_experts: int, block_m: int) -> MoEAlignment:

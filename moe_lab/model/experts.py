@@ -5,8 +5,9 @@ Every back-end computes the same function (DeepSeekMoE / Mixtral style SwiGLU ex
     y[t] = sum_j  weights[t, j] * Expert_{expert_idx[t, j]}(x[t])
     Expert_e(x) = (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]          (SwiGLU, Shazeer 2020)
 
-The contract shared by all back-ends (`reference`, `sorted` here; `triton` in moe_lab.kernels.moe;
-`ep` in moe_lab.distributed):
+The contract shared by all back-ends (`reference`, `sorted`, `grouped_mm` here; `triton` in
+moe_lab.kernels.moe; `ep` in moe_lab.distributed; their registry, names and dispatch in
+moe_lab.model.expert_backends):
 
     x          (T, d)      token activations
     expert_idx (T, k)      int64, chosen experts; -1 marks an assignment dropped by the capacity
@@ -28,7 +29,8 @@ from torch import Tensor
 
 
 def check_expert_inputs(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> None:
-    """Raise a ValueError naming the argument when shapes or index ranges break the contract."""
+    """Raise a ValueError naming the argument when shapes or index ranges break the contract, and a
+    TypeError naming the weight whose dtype differs from x's."""
     if x.dim() != 2:
         raise ValueError(f"x must be (tokens, d_model); got shape {tuple(x.shape)}")
     T, d = x.shape
@@ -44,11 +46,16 @@ def check_expert_inputs(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tens
     E, _, f = w1.shape
     if w2.shape != (E, f, d):
         raise ValueError(f"w2 must be (n_experts={E}, d_expert={f}, d_model={d}); got {tuple(w2.shape)}")
-    if expert_idx.numel() and (int(expert_idx.min()) < -1 or int(expert_idx.max()) >= E):
-        raise ValueError(
-            f"expert_idx must lie in [-1, {E - 1}] (-1 = dropped); got values in "
-            f"[{int(expert_idx.min())}, {int(expert_idx.max())}]"
-        )
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if w.dtype != x.dtype:  # the same message as the triton back-end gives
+            raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}: x and the expert weights must share a dtype")
+    # The range check reads values: one device synchronisation (skipped while a CUDA graph is captured,
+    # where no synchronisation is allowed; the values were checked on the eager warm-up runs).
+    capturing = expert_idx.is_cuda and torch.cuda.is_current_stream_capturing()
+    if expert_idx.numel() and not capturing:
+        lo, hi = (int(v) for v in torch.aminmax(expert_idx))
+        if lo < -1 or hi >= E:
+            raise ValueError(f"expert_idx must lie in [-1, {E - 1}] (-1 = dropped); got values in [{lo}, {hi}]")
 
 
 def swiglu_expert(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
@@ -101,14 +108,13 @@ def experts_sorted(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w
     return torch.zeros_like(x).index_add(0, token_of, out)  # un-permute and combine: (T, d)
 
 
-def run_experts(backend: str, x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
-    """Dispatch to an expert back-end by name: 'reference', 'sorted', 'triton' (notebook 06)."""
-    if backend == "reference":
-        return experts_reference(x, expert_idx, weights, w1, w3, w2)
-    if backend == "sorted":
-        return experts_sorted(x, expert_idx, weights, w1, w3, w2)
-    if backend == "triton":
-        from moe_lab.kernels.moe import experts_triton  # imported lazily: Triton is optional
-
-        return experts_triton(x, expert_idx, weights, w1, w3, w2)
-    raise ValueError(f"backend={backend!r}: expected one of 'reference', 'sorted', 'triton'")
+def experts_grouped_mm(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """The `sorted` layout with each projection as one `torch._grouped_mm` call over all experts (one
+    launch per projection instead of one per expert; where this torch has it: expert_backends.status)."""
+    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
+    order, token_of, counts = sort_by_expert(expert_idx, w1.shape[0])
+    offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+    xs = x[token_of]  # (N, d) token copies grouped by expert
+    h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N, f)
+    out = torch._grouped_mm(h, w2, offs=offs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N, d)
+    return torch.zeros_like(x).index_add(0, token_of, out)  # (T, d)

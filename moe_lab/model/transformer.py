@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_lab.config import ModelConfig
+from moe_lab.model import expert_backends
 from moe_lab.model.kv_cache import KVCache, LayerCache
 from moe_lab.model.layers import CausalSelfAttention, RMSNorm, SwiGLU
 from moe_lab.model.mla import MultiHeadLatentAttention
@@ -80,9 +81,8 @@ class Transformer(nn.Module):
         return total
 
     def set_backend(self, backend: str) -> None:
-        """Run every MoE layer's experts with another back-end ('reference', 'sorted', 'triton')."""
-        if backend not in ("reference", "sorted", "triton"):
-            raise ValueError(f"set_backend(backend={backend!r}): expected 'reference', 'sorted' or 'triton'")
+        """Run every MoE layer's experts with another back-end (moe_lab.model.expert_backends.names())."""
+        expert_backends.check_name(backend, "set_backend(backend)")
         for layer in self.moe_layers():
             layer.backend = backend
 
