@@ -143,7 +143,7 @@ assert torch.allclose(step_by_step, full, atol=1e-5)
 # ## 3. Check: the course model generates the same with and without the cache
 #
 # The MoE model of notebook 04 (the shipped checkpoint; if it is missing, this cell trains it again,
-# about 80 s on 2 cores), on held-out problems of one prompt length, as `evaluation` batches them:
+# a couple of minutes on 2 cores), on held-out problems of one prompt length, as `evaluation` batches them:
 
 # %%
 import copy
