@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -362,14 +361,6 @@ def _csv(text: str, allowed, what: str, conv=str) -> list:
     return items
 
 
-def write_record(path: Path, record: dict) -> None:
-    """Write a record as JSON, atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def git_commit() -> Optional[str]:
     """The commit the bench ran at (MOE_LAB_COMMIT, else `git rev-parse`), '+dirty' when the tree has changes."""
     if os.environ.get("MOE_LAB_COMMIT"):
@@ -473,7 +464,7 @@ def main(argv: Optional[list] = None) -> int:
     def write_partial(rows):  # a run stopped from outside (a lent machine's limit) keeps what it measured
         partial = build_record(rows, ceilings, device, dtype, "quick" if args.quick else "full", command,
                                notes + ["partial: written after every case; the run had not finished"])
-        write_record(out, partial)
+        P.write_record(partial, out, quiet=True)
 
     results = run(shapes, tokens, backends, passes, device, dtype, ceilings, warmup=1 if on_cpu else 25,
                   repeats=args.repeats, budget_s=args.budget_s, progress=not args.no_progress, notes=row_notes,
@@ -492,9 +483,7 @@ def main(argv: Optional[list] = None) -> int:
     for t in record["targets"]:
         print(f"target {t['target']} at {t['tokens']} tokens: {t['value']:.3g} -> {'met' if t['met'] else 'NOT met'}")
     paths = [out] + ([Path("data/bench") / f"{slug}.json"] if args.record else [])
-    for path in paths:
-        write_record(path, record)
-        print(f"wrote {path}")
+    P.write_record(record, paths)
     return 0 if any(r["status"] == "ok" for r in results) else 1
 
 

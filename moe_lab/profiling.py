@@ -288,15 +288,16 @@ def environment_record(device, command: Optional[str] = None) -> dict:
     }
 
 
-def write_record(record: dict, paths) -> None:
-    """Write a record as JSON to each path, atomically (a reader never sees half a file); says where."""
-    for path in paths:
+def write_record(record: dict, paths, quiet: bool = False) -> None:
+    """Write a record as JSON to each path, atomically (a reader never sees half a file); says where unless quiet."""
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(path)
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
 
 
 RECORD_KEYS = ("device", "driver", "torch", "triton", "date", "command", "results")
