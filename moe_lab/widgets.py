@@ -48,8 +48,7 @@ def explore_routing(n_tokens: int = 256, n_experts: int = 8, top_k: int = 2, rou
         for _ in range(bias_steps):
             r(x)
             r.update_bias()
-        r.eval()
-        out = r(x)
+        out = r(x)  # still in training mode: the capacity limit acts in training only (inference is dropless)
     load = torch.bincount(out.expert_idx[out.expert_idx >= 0], minlength=n_experts)
     return {
         "load": load,
