@@ -278,7 +278,7 @@ problems = task.problems(6, "heldout", seed=7)
 for prob, completion in zip(problems, solve(moe, problems)):
     print(f"{prob.prompt}{completion.strip():<6} {'✓' if task.verify(completion, prob) else '✗'} (true answer {prob.answer})")
 print(f"held-out exact match at the end of training: {acc:.0%}")
-if rt.mode != "ci":  # 10 runs of this recipe (5 seeds x 1 and 2 threads) all ended above 85 % (README)
+if rt.mode != "ci":  # 10 runs of this recipe (5 seeds x 1 and 2 threads) ended at 78-100 % (README)
     assert acc >= 0.5, f"held-out exact match {acc:.0%} < 50%"
 
 # %% [markdown]

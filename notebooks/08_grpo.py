@@ -473,8 +473,8 @@ print(f"after {compare_steps} steps: GRPO {grpo_at:.1%}, REINFORCE {rf_hist.eval
 #
 # | | seeds 0-4 | mean | range |
 # |---|---|---|---|
-# | GRPO | 89.0, 90.4, 89.4, 88.2, 90.0 % | 89.4 % | 2.2 points |
-# | REINFORCE, batch-mean baseline | 88.6, 90.2, 90.8, 90.0, 89.2 % | 89.8 % | 2.2 points |
+# | GRPO | 89.0, 90.6, 89.4, 88.2, 90.0 % | 89.4 % | 2.4 points |
+# | REINFORCE, batch-mean baseline | 89.0, 87.2, 90.0, 89.8, 89.0 % | 89.0 % | 2.8 points |
 #
 # The means differ by 0.4 points, less than the spread of either over seeds (and than the ±2 points
 # of evaluation noise on 500 problems): on this task, at this budget, the group baseline buys
