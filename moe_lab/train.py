@@ -315,31 +315,28 @@ def recipe_spread(preset_name: str, seeds: list[int], threads: list[int], out: s
             print(f"seed {s} threads {t} (runs: {row['tries']}): snapshot at step {row['snapshot_step']}, held-out exact match "
                   f"{row['heldout_exact_match']:.1%}; end of training {row['final_heldout_exact_match']:.1%} "
                   f"({row['train_seconds']:.0f} s)", flush=True)
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps({"preset": preset_name, "cpu": platform.processor() or platform.machine(),
-                                             "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                             "runs": rows}, indent=1) + "\n")
+            from moe_lab.profiling import write_record
+
+            write_record({"preset": preset_name, "cpu": platform.processor() or platform.machine(),
+                          "cpu_count": os.cpu_count(), "torch": torch.__version__, "runs": rows}, out, quiet=True)
     return rows
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected at least 1 (omit --steps for the preset's own count)")
-    return value
+def _int_in(lo: int, hi: int, hint: str):
+    """An argparse type: a whole number in [lo, hi], refused with `hint` otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value}: expected {hint}")
+        return value
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{value}: expected an integer in [0, 2**32 - 1]")
-    return value
+_positive_int = _int_in(1, 2**63 - 1, "at least 1 (omit --steps for the preset's own count)")
+_seed = _int_in(0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
