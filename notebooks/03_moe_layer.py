@@ -27,7 +27,7 @@
 # - capacity factor with token dropping (GShard, Switch) versus dropless routing
 # - two expert back-ends that compute the same function: a loop over experts, and sorted tokens
 #
-# **Prerequisites**: notebook 02. **Time to run**: CPU (2 cores): under 1 min · GPU: under 1 min.
+# **Prerequisites**: notebook 02. **Time to run**: CPU (2 cores): under 1 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
