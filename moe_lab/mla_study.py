@@ -116,7 +116,28 @@ def compare(preset_name: str, seeds: Sequence[int], steps: Optional[int] = None,
             r.pop("model"), r.pop("history")
             runs[name].append(r)
     return {"preset": preset_name, "steps": train_cfg.steps, "seeds": list(seeds), "models": info, "runs": runs,
-            "summary": summarize(runs)}
+            "recipe": recipe(train_cfg), "summary": summarize(runs)}
+
+
+def recipe(train_cfg: TrainConfig) -> dict:
+    """What the runs were trained on and how (beside the model configs): a record whose recipe differs
+    from today's preset is stale even when the models are the same."""
+    from dataclasses import asdict
+
+    from moe_lab.data import course_mixture
+
+    mixture = course_mixture()
+    return {"train": asdict(train_cfg) | {"seed": None},  # the seed is per run
+            "mixture": {name: round(float(p), 6) for name, p in zip(mixture.names, mixture.probs)}}
+
+
+def is_current(record: dict, preset_name: str = "cpu") -> bool:
+    """Whether a recorded comparison was made with today's preset: its models, steps and training recipe."""
+    from moe_lab.config import preset
+
+    p = preset(preset_name)
+    return (record["models"]["mha"]["config"] == p.moe.to_dict() and record["steps"] == p.train.steps
+            and record.get("recipe") == json.loads(json.dumps(recipe(p.train))))
 
 
 def load_record(preset_name: str = "cpu") -> Optional[dict]:
@@ -129,11 +150,13 @@ def load_record(preset_name: str = "cpu") -> Optional[dict]:
 
 def main(argv: Optional[list] = None) -> int:
     from moe_lab import profiling as P
+    from moe_lab.runtime import require_device
+    from moe_lab.train import positive_int
 
     ap = argparse.ArgumentParser(prog="python -m moe_lab.mla_study", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu", choices=["ci", "cpu", "gpu"])
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds (at least 2 for a spread)")
-    ap.add_argument("--steps", type=int, help="override the preset's number of steps")
+    ap.add_argument("--steps", type=positive_int, help="override the preset's number of steps (>= 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="JSON output (default runs/mla_study/<preset>.json)")
     ap.add_argument("--record", action="store_true", help=f"also write {RECORD_DIR}/mla_vs_mha_<preset>.json")
@@ -144,6 +167,10 @@ def main(argv: Optional[list] = None) -> int:
         raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
+    try:
+        require_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
     t0 = time.perf_counter()
     record = P.environment_record(args.device, " ".join(["python -m moe_lab.mla_study", *(sys.argv[1:] if argv is None else argv)]))
     record["cpu_threads"] = torch.get_num_threads()

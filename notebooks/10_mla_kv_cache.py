@@ -235,13 +235,16 @@ ax.legend(fontsize=8)
 plt.show()
 for r in per_token:
     print(f"context {r['context']:>5}: {r['uncached_ms']:6.2f} ms without cache, {r['cached_ms']:5.2f} ms with ({r['uncached_ms'] / r['cached_ms']:.1f}x)")
-assert per_token[-1]["uncached_ms"] > per_token[-1]["cached_ms"]  # at the longest context the cache wins
+if rt.device.type == "cpu":  # measured on CPUs; on a GPU this tiny model is launch-bound either way
+    assert per_token[-1]["uncached_ms"] > per_token[-1]["cached_ms"]  # at the longest context the cache wins
 
 # %% [markdown]
 # At a short context the cache saves little: a tiny model's forward is dominated by the fixed cost
 # of launching its operations (about a millisecond here), not by the number of tokens. As the context
-# grows, the uncached forward grows with it and the decode step barely moves. On a GPU, where the fixed costs are small
-# and the work is in moving weights and cache, the cache's advantage appears much earlier.
+# grows, the uncached forward grows with it and the decode step barely moves. On a GPU the launches
+# cost less but the work per token far less still, so a model this small is launch-bound there too and
+# the two curves may stay close (not yet measured); the cache's saving in time shows for models and
+# contexts large enough that the work, not the launches, sets the time.
 #
 # ## 5. What the cache costs in memory
 #
@@ -276,8 +279,9 @@ ctx = torch.logspace(2, 17, 60, base=2)  # 4 to 131,072 tokens of context
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
 for r in cache_table(DEEPSEEK_V3):
     ax.plot(ctx, ctx * r["bytes_per_token"] / 2**30, label=f"{r['attention']}: {r['bytes_per_token'] / 1024:,.0f} KiB/token")
-ax.axhline(80, color="grey", ls=":", lw=1)
-ax.text(5, 95, "80 GB: one H100's memory", fontsize=8, color="grey")
+h100 = 80e9 / 2**30  # an H100's 80 GB in GiB (74.5), the unit of this axis
+ax.axhline(h100, color="grey", ls=":", lw=1)
+ax.text(5, h100 * 1.2, "80 GB (74.5 GiB): one H100's memory", fontsize=8, color="grey")
 ax.set(xscale="log", yscale="log", xlabel="context length (tokens, one sequence)", ylabel="KV cache (GiB)",
        title="DeepSeek-V3's KV cache for one sequence, by attention type")
 ax.legend(fontsize=8)
@@ -401,8 +405,9 @@ assert set(cache.buffers) == {"c_kv", "k_rope"}
 # the score and $d_c$ for the value, instead of rebuilding $2 d_h$ numbers from $d_c$ (and
 # DeepSeek-V3's $d_c = 512$ is 4 heads' worth of $d_h = 128$, so the latent attention itself is
 # wider). The decisive saving is memory traffic: a decode step is limited by reading the cache, and
-# the latent cache is 57 times smaller than MHA's. DeepSeek's inference code uses the absorbed form
-# for decoding and the plain one for prefill, where keys and values are built once anyway.
+# the latent cache is 57 times smaller than MHA's. Serving engines (vLLM, SGLang) typically use the
+# absorbed form for decoding and the plain one for long prefills, where keys and values are built once
+# anyway; DeepSeek-V3's own reference inference code runs one form for both (absorbed by default).
 #
 # ## 8. MLA against MHA at equal parameters
 #
@@ -413,7 +418,7 @@ assert set(cache.buffers) == {"c_kv", "k_rope"}
 # %%
 from dataclasses import replace
 
-from moe_lab.mla_study import attention_params, load_record, train_one
+from moe_lab.mla_study import attention_params, is_current, load_record, train_one
 
 p = preset(rt.mode)
 cfgs = {"MHA": p.moe, "MLA": mla_twin(p.moe)}
@@ -426,7 +431,7 @@ for name, cfg in cfgs.items():
 # %% [markdown]
 # A short run of each, live (the same batches and seed), then the full comparison recorded over
 # three seeds by `python -m moe_lab.mla_study --preset cpu --seeds 0,1,2 --record`
-# (1500 steps each, about 9 minutes on 2 cores):
+# (the cpu preset's 2000 steps for each model and seed, about 12 minutes on 2 cores):
 
 # %%
 live_steps = sizes["live_steps"]
@@ -446,7 +451,7 @@ if record is not None:
         for i, run in enumerate(record["runs"][name]):
             axes[1].plot(run["eval_step"], run["val_loss"], color=color, lw=1, alpha=0.8,
                          label=f"{name.upper()}" if i == 0 else None)
-    axes[1].set(xlabel="step", ylabel="validation loss", ylim=(1.0, 2.3),
+    axes[1].set(xlabel="step", ylabel="validation loss", ylim=(0.6, 2.3),
                 title=f"recorded: {record['preset']} preset, {record['steps']} steps, seeds {record['seeds']}")
     axes[1].legend()
 else:
@@ -473,18 +478,23 @@ if record is not None:
         ms = [r["ms_per_step"] for r in record["runs"][name]]
         em = [r["heldout_exact_match"] for r in record["runs"][name]]
         print(f"{name.upper()}: {min(ms):.0f}-{max(ms):.0f} ms per step; held-out exact match " + ", ".join(f"{e:.0%}" for e in em))
-    if record["models"]["mha"]["config"] != preset("cpu").moe.to_dict():
+    if not is_current(record):  # models, steps and training recipe all as today's cpu preset?
         print("note: the cpu preset has changed since this record was made; re-run the command above to refresh it")
-    assert len(record["seeds"]) >= 2 and s["verdict"] == "MHA lower on every seed"  # what the prose below says
+    assert len(record["seeds"]) >= 2 and s["verdict"] == "no consistent winner across seeds"  # what the prose below says
+    stalled = {name: [r["seed"] for r in record["runs"][name] if r["heldout_exact_match"] < 0.5] for name in ("mha", "mla")}
+    print("runs that never got the carries right (held-out exact match < 50 %):", stalled)
 
 # %% [markdown]
-# At the course's size MHA wins: in the recorded comparison its validation loss ends lower on every
-# seed, by about a tenth of a nat on average, more than the spread between MHA's own seeds, though
-# one seed came out nearly even (the assertion above keeps this sentence honest if the record is
-# re-made). Read it with its scale in mind. The heads are a few dozen numbers wide and the latent
-# about as small: compressing the keys and values of all heads into it removes capacity that a
-# model this small misses, and MLA's extra matmuls cost time per step on a CPU. DeepSeek-V2 reports MLA
-# *better* than MHA at 7B-scale and above (its appendix D), where heads are 128 wide and the cache
+# At the course's size there is no consistent winner over three seeds (the assertion above keeps this
+# sentence honest if the record is re-made). On the two seeds where both models learned the carries,
+# MHA ended lower, by less than a tenth of a nat; on the third, MHA never got them (the cliff of
+# notebook 04: its held-out exact match stayed near 10 %, which is why the course's training command
+# restarts such a run) and MLA came out far ahead. Three seeds of a run with a cliff in it cannot
+# rank the two; what they do show is that MLA, with a cache 3.5 times smaller, trains about as well
+# here. Read it with its scale in mind: the heads are a few dozen numbers wide and the latent about
+# as small, and MLA's extra matmuls cost time per step on a CPU. DeepSeek-V2 reports MLA
+# *better* than MHA on MoE models of about 16B and 250B total parameters (its appendix D.2), where
+# heads are 128 wide and the cache
 # saving is what makes long contexts affordable. MLA is a memory trade first; whether it also
 # helps quality depends on scale, which this course cannot test on 2 cores.
 #
@@ -505,7 +515,9 @@ roll = bench_generate.rollout_times(model, grpo_problems, group_size=8, temperat
 print(f"rollouts of one GRPO step (32 x 8): {roll['median_s']['uncached'] * 1e3:.0f} ms without the cache, "
       f"{roll['median_s']['cached'] * 1e3:.0f} ms with it (medians): {roll['speedup_median']:.1f}x "
       f"(pairs {roll['speedup_min']:.1f}x-{roll['speedup_max']:.1f}x); the same completions: {roll['same_completions']}")
-assert roll["same_completions"] and roll["speedup_median"] > 1.5
+assert roll["same_completions"]  # the cache changes the speed, not the samples
+if rt.device.type == "cpu":  # 2.2-2.5x inside this notebook on 2 cores; a GPU runs both paths launch-bound
+    assert roll["speedup_median"] > 1.5
 
 # %% [markdown]
 # The same completions: the cache changes GRPO's speed, not what it learns. (Over a long run float32
@@ -539,7 +551,7 @@ assert roll["same_completions"] and roll["speedup_median"] > 1.5
 #   $d_c + d_h^R$ for MLA. At DeepSeek-V3's size: 4.0 MB against 70 KB per token.
 # - MLA caches a normalised latent and one shared RoPE key; the scores are scaled by the full query-key width; at
 #   inference $W^{UK}$ and $W^{UV}$ fold into the query and output projections.
-# - At equal parameters on the course model, MHA reaches a lower loss than MLA on every recorded seed. MLA's case is memory, at scale.
+# - At equal parameters on the course model, three recorded seeds name no winner: MHA ended lower on the two where both learned the carries, MLA on the one where MHA stalled. MLA's case is memory, at scale.
 # - GRPO's rollouts use the cache: the same samples, faster.
 #
 # ## Papers and further reading

@@ -124,3 +124,15 @@ def test_the_recorded_comparison_is_complete():
     for name in ("mha", "mla"):
         assert [r["seed"] for r in rec["runs"][name]] == rec["seeds"]
     assert rec["summary"] == mla_study.summarize(rec["runs"])
+
+
+def test_the_recorded_comparison_was_made_with_todays_preset():
+    """A record from another recipe (steps, data mix) is stale even when the model configs match."""
+    rec = mla_study.load_record("cpu")
+    if rec is None:
+        pytest.skip("no data/records/mla_vs_mha_cpu.json")
+    assert mla_study.is_current(rec), "re-run: python -m moe_lab.mla_study --preset cpu --seeds 0,1,2 --record"
+    for change in ({"steps": rec["steps"] + 1},
+                   {"recipe": {**rec["recipe"], "mixture": {"code": 0.4, "arith": 0.6}}},
+                   {"recipe": None}):
+        assert not mla_study.is_current({**rec, **change}), change
