@@ -322,7 +322,7 @@ def recipe_spread(preset_name: str, seeds: list[int], threads: list[int], out: s
     return rows
 
 
-def _int_in(lo: int, hi: int, hint: str):
+def int_in(lo: int, hi: int, hint: str):
     """An argparse type: a whole number in [lo, hi], refused with `hint` otherwise."""
     def parse(text: str) -> int:
         try:
@@ -335,8 +335,8 @@ def _int_in(lo: int, hi: int, hint: str):
     return parse
 
 
-_positive_int = _int_in(1, 2**63 - 1, "at least 1 (omit --steps for the preset's own count)")
-_seed = _int_in(0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
+positive_int = int_in(1, 2**63 - 1, "at least 1 (omit --steps for the preset's own count)")
+_seed = int_in(0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -349,7 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--preset", default="cpu", choices=["ci", "cpu", "gpu"])
     ap.add_argument("--out", default=None, help="checkpoint path, e.g. data/checkpoints/moe_cpu.safetensors")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    ap.add_argument("--steps", type=_positive_int, default=None, help="override the preset's number of steps (>= 1)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="override the preset's number of steps (>= 1)")
     ap.add_argument("--seed", type=_seed, default=None, help="override the preset's seed")
     ap.add_argument("--threads", type=_int_list_arg, default=None,
                     help="torch threads (with --spread: a list, e.g. 1,2)")

@@ -69,8 +69,8 @@ if ckpt is not None:
 else:
     from moe_lab.train import train_course_model
     start_model, _, figures = train_course_model("cpu", progress=True, device=str(rt.device))
-print(f"{ckpt.name if ckpt is not None else 'trained here'}: snapshot at step {figures['snapshot_step']} of "
-      f"{figures['steps']}, recorded held-out exact match {figures['heldout_exact_match']:.1%}")
+print(f"{ckpt.name if ckpt is not None else 'trained here'}: snapshot at step {figures.get('snapshot_step', '?')} of "
+      f"{figures.get('steps', '?')}, recorded held-out exact match {figures['heldout_exact_match']:.1%}")
 print(task)
 
 # %% [markdown]
@@ -478,7 +478,8 @@ print(f"after {compare_steps} steps: GRPO {grpo_at:.1%}, REINFORCE {rf_hist.eval
 #
 # The means differ by 0.4 points, less than the spread of either over seeds (and than the ±2 points
 # of evaluation noise on 500 problems): on this task, at this budget, the group baseline buys
-# nothing measurable. The rewards are binary and every prompt has about the same difficulty, so a
+# nothing measurable. The rewards are nearly binary (right or wrong, plus a small format bonus) and
+# every prompt has about the same difficulty, so a
 # batch-wide baseline is nearly as good as a per-prompt one. GRPO's group baseline pays off when
 # prompts differ widely in difficulty (an easy prompt's all-right group should not be pushed up, a
 # hard one's all-wrong group not pushed down), which is the situation of R1-style training on mixed
