@@ -17,7 +17,7 @@ What a layer keeps depends on its attention:
 published sizes (its config.json) for comparison.
 
 The cache here is a *static* one, as inference engines use: each tensor is allocated once for the
-longest sequence the model supports and filled left to right, so a decode step copies only the new
+longest sequence of the call (at most the model's max_seq_len) and filled left to right, so a decode step copies only the new
 token's entries (concatenating would copy the whole cache at every step). Every tensor it holds has
 its time axis at dim -2: (B, H, T, head_dim) for MHA keys and values, (B, T, d) for MLA's latent.
 """
@@ -42,7 +42,7 @@ class LayerCache:
     def __init__(self, capacity: int):
         if capacity < 1:
             raise ValueError(f"LayerCache(capacity={capacity}): expected a positive number of positions")
-        self.capacity = capacity  # positions the buffers hold (the model's max_seq_len)
+        self.capacity = capacity  # positions the buffers hold (the longest sequence it was made for)
         self.length = 0  # positions filled so far: the position of the next token
         self.buffers: dict[str, Tensor] = {}
 
@@ -52,13 +52,13 @@ class LayerCache:
         end = self.length + T
         if end > self.capacity:
             raise ValueError(f"KV cache full: {self.length} cached + {T} new positions exceed its capacity "
-                             f"{self.capacity} (the model's max_seq_len)")
+                             f"{self.capacity} (the positions it was created for)")
         out = []
         for name, t in new.items():
             if t.shape[-2] != T:
                 raise ValueError(f"LayerCache.append: {name} has {t.shape[-2]} new positions, expected {T}")
             buf = self.buffers.get(name)
-            if buf is None:  # first append: allocate for the longest sequence
+            if buf is None:  # first append: allocate for the whole capacity
                 buf = t.new_empty(*t.shape[:-2], self.capacity, t.shape[-1])
                 self.buffers[name] = buf
             elif buf.shape[:-2] != t.shape[:-2] or buf.shape[-1] != t.shape[-1]:
