@@ -164,13 +164,13 @@ def main(argv: Optional[list] = None) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        ap.error(f"argument --seeds: {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     if not seeds:
-        raise SystemExit("--seeds: give at least one seed")
+        ap.error("argument --seeds: give at least one seed")
     try:
         require_device(args.device)
     except ValueError as e:
-        raise SystemExit(f"--device: {e}") from None
+        ap.error(f"argument --device: {e}")
     t0 = time.perf_counter()
     record = P.environment_record(args.device, " ".join(["python -m moe_lab.mla_study", *(sys.argv[1:] if argv is None else argv)]))
     record["cpu_threads"] = torch.get_num_threads()
