@@ -1,6 +1,6 @@
 # moe-lab: the two commands of the README.
 #   make lab   - create .venv if needed, install the course, open JupyterLab on your working copies
-#                of the notebooks (notebooks/workspace/, never the tracked files: see moe_lab/lab.py)
+#                of the notebooks (notebooks/workspace/, never the tracked files: see moe_lab/commands/lab.py)
 #   make test  - the same set-up, then the unit tests and every notebook (nbval)
 #   make exercises - regenerate the learner notebooks notebooks/exercises/*.ipynb from the solutions
 #
@@ -47,7 +47,7 @@ endif
 
 # Kernels get OMP_WAIT_POLICY=PASSIVE (two notebooks computing at once do not stall each other).
 lab: setup
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m moe_lab.lab $(LAB_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m moe_lab lab $(LAB_ARGS)
 
 test: setup
 	MPLBACKEND=Agg MOE_LAB_FAST=$(MOE_LAB_FAST) OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m pytest -v -p no:cacheprovider \
@@ -57,12 +57,12 @@ test: setup
 # Regenerate every notebook's .ipynb (no outputs) from its py:percent source, and the learner versions.
 notebooks: setup
 	@for f in notebooks/[0-9][0-9]_*.py; do $(BIN)/jupytext --quiet --to ipynb "$$f"; done
-	@$(BIN)/python -m moe_lab.exercises
+	@$(BIN)/python -m moe_lab exercises
 
 # Regenerate the learner versions (solution regions replaced by "your turn" stubs); the tests fail
 # when the committed ones differ from what this writes.
 exercises: setup
-	@$(BIN)/python -m moe_lab.exercises
+	@$(BIN)/python -m moe_lab exercises
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

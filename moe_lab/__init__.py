@@ -1,11 +1,11 @@
 """moe-lab: build a Mixture-of-Experts language model, its Triton kernels and GRPO, from scratch.
 
 The package holds the canonical version of everything the notebooks build, so later notebooks
-import it instead of re-pasting code. Start with `moe_lab.runtime.setup()`.
+import it instead of re-pasting code. Start with `moe_lab.core.runtime.setup()`.
 
 Importing it sets OMP_WAIT_POLICY=PASSIVE (unless set already) while torch is not yet imported:
 torch's OpenMP threads then sleep instead of spinning while they wait, so two notebooks computing
-at once on a small machine do not stall each other (see moe_lab/lab.py). The policy is read once,
+at once on a small machine do not stall each other (see moe_lab/commands/lab.py). The policy is read once,
 when torch loads: `runtime.setup()` says so when torch came first.
 """
 import os as _os

@@ -30,7 +30,7 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -74,7 +74,7 @@ assert runtime.pick_dtype(torch.device("cpu")) == torch.float32
 # Ampere, capability 8.0; a T4 is 7.5, an RTX 4090 8.9.
 
 # %%
-from moe_lab import checks
+from moe_lab.course import checks
 
 
 def my_pick_dtype(device_type, capability=None):
@@ -85,7 +85,7 @@ def my_pick_dtype(device_type, capability=None):
     # END SOLUTION
 
 
-checks.check_dtype_policy(my_pick_dtype)  # the same rule as moe_lab.runtime.pick_dtype
+checks.check_dtype_policy(my_pick_dtype)  # the same rule as moe_lab.core.runtime.pick_dtype
 
 # %% [markdown]
 # ## 3. Triton: compiled or interpreted
@@ -117,16 +117,16 @@ def matmul_flops(m, n, k):
     # END SOLUTION
 
 
-checks.check_matmul_flops(matmul_flops)  # the same as moe_lab.kernels.intro.matmul_flops
+checks.check_matmul_flops(matmul_flops)  # the same as moe_lab.core.cost.matmul_flops
 
 # %% [markdown]
 # So two n×n matrices cost 2n³ FLOPs. Time them at a few sizes:
 
 # %%
-from moe_lab.config import notebook_sizes
+from moe_lab.core.config import notebook_sizes
 
 sizes = notebook_sizes("00", rt.mode)["matmul_n"]  # matrix sizes for this mode
-from moe_lab import profiling
+from moe_lab.studies import profiling
 
 tflops = [profiling.measure_matmul_tflops(rt.device, rt.dtype, n) for n in sizes]  # the timer of notebook 07
 for n, t in zip(sizes, tflops):
@@ -165,7 +165,7 @@ plt.show()
 # GPU times are not yet measured.
 #
 # ## Summary
-# - `moe_lab.runtime.setup()` decides mode, device, dtype and seeds everything; one line says what it chose.
+# - `moe_lab.core.runtime.setup()` decides mode, device, dtype and seeds everything; one line says what it chose.
 # - CPU runs use float32 and Triton's interpreter; GPUs use bf16 (fp16 before Ampere) and compiled kernels.
 # - Matmul throughput grows with size: the first hint of the roofline.
 #

@@ -31,7 +31,7 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -98,7 +98,7 @@ assert task.reward(p.answer + "\n", p) == 1.0 and task.reward("12a\n", p) == 0.0
 # the answer is complete). `problem_line(47, 85)` is `'47+85=231\n'`.
 
 # %%
-from moe_lab import checks
+from moe_lab.course import checks
 
 
 def problem_line(a, b):

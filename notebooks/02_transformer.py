@@ -31,7 +31,7 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -44,7 +44,7 @@ rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versi
 # %%
 import torch
 import torch.nn.functional as F
-from moe_lab import checks
+from moe_lab.course import checks
 
 
 def rmsnorm(x, weight, eps=1e-5):
@@ -144,7 +144,7 @@ checks.check_swiglu(swiglu)  # the same as moe_lab.model.layers.SwiGLU and moe_l
 # comes from the course preset for this mode.
 
 # %%
-from moe_lab.config import preset
+from moe_lab.core.config import preset
 from moe_lab.model import Transformer
 
 p = preset(rt.mode)
@@ -161,13 +161,13 @@ assert per_block == 4 * d * d + 3 * d * f + 2 * d  # qkv + proj, w1 w3 w2, two n
 # ## 6. Train the dense baseline
 #
 # Data: the mixture of notebook 01 (Python source code and 2-digit additions). The loop
-# (`moe_lab.train.train`): AdamW, linear warm-up then cosine decay, gradient clipping at 1.0,
+# (`moe_lab.training.loop.train`): AdamW, linear warm-up then cosine decay, gradient clipping at 1.0,
 # validation every `eval_every` steps.
 
 # %%
 from dataclasses import replace
 from moe_lab.data import ArithmeticTask, Mixture, TaskSource, TextSource, batch_fn, load_corpus
-from moe_lab.train import evaluate, train
+from moe_lab.training.loop import evaluate, train
 
 task = ArithmeticTask(op="add", n_digits=2)
 mixture = Mixture({"code": TextSource(load_corpus()), "arith": TaskSource(task)}, {"code": 0.6, "arith": 0.4})
@@ -181,7 +181,7 @@ assert history.final_val_loss < 0.6 * loss_at_start  # it learned, far beyond gu
 
 # %%
 import matplotlib.pyplot as plt
-from moe_lab.plots import plot_loss_curves
+from moe_lab.course.plots import plot_loss_curves
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
 plot_loss_curves({"dense": history}, ax=ax1)
@@ -198,7 +198,7 @@ plt.show()
 
 # %%
 from moe_lab.data import TOKENIZER
-from moe_lab.evaluation import exact_match
+from moe_lab.training.evaluation import exact_match
 
 prompt = torch.tensor([TOKENIZER.encode("def ")], device=rt.device)
 out = model.generate(prompt, 120, temperature=0.8, top_k=20, generator=torch.Generator(device=rt.device).manual_seed(0))
@@ -209,7 +209,7 @@ print(f"held-out 2-digit additions solved exactly: {exact_match(model, task, 100
 # ## Summary
 # - RMSNorm, RoPE, causal SDPA attention and SwiGLU: each built, then checked against `moe_lab.model.layers`.
 # - A pre-norm decoder with tied embeddings is `moe_lab.model.Transformer`; `n_params()` counts its weights.
-# - `moe_lab.train.train` is the loop every later notebook uses; its `History` feeds the plots.
+# - `moe_lab.training.loop.train` is the loop every later notebook uses; its `History` feeds the plots.
 #
 # ## Papers and further reading
 # - Vaswani et al. *Attention is all you need* (2017).

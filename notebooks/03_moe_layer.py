@@ -33,7 +33,7 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -46,7 +46,7 @@ rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versi
 # %%
 import torch
 import torch.nn.functional as F
-from moe_lab import checks
+from moe_lab.course import checks
 
 
 def topk_router(logits, k):  # logits: (T, E) -> expert_idx (T, k), weights (T, k)
@@ -118,7 +118,7 @@ assert err < 1e-5
 
 # %%
 from math import comb
-from moe_lab.config import MoEConfig
+from moe_lab.core.config import MoEConfig
 from moe_lab.model import MoELayer
 
 coarse = MoEConfig(n_experts=8, top_k=2, d_expert=128)
@@ -168,7 +168,7 @@ checks.check_switch_aux_loss(switch_aux_loss)  # the same as moe_lab.model.route
 
 # %%
 import matplotlib.pyplot as plt
-from moe_lab.widgets import explore_routing
+from moe_lab.course.widgets import explore_routing
 
 before = explore_routing(skew=2.0, router="sigmoid")
 after = explore_routing(skew=2.0, router="sigmoid", bias_steps=200, bias_rate=0.01)
@@ -188,10 +188,10 @@ assert after["bias"][0] < 0  # the favourite expert was made less attractive
 # %% [markdown]
 # ### The router explorer
 # Move the sliders: how do top-k, the router type, a favourite expert (skew), the bias updates and
-# a capacity limit change where tokens go? (The logic is `moe_lab.widgets.explore_routing`.)
+# a capacity limit change where tokens go? (The logic is `moe_lab.course.widgets.explore_routing`.)
 
 # %%
-from moe_lab.widgets import router_explorer
+from moe_lab.course.widgets import router_explorer
 
 router_explorer()
 
@@ -270,7 +270,7 @@ assert row["output"] < 1e-12 and row["gradient"] < 1e-12
 
 # %%
 from moe_lab.data import TOKENIZER
-from moe_lab.plots import plot_routing_map
+from moe_lab.course.plots import plot_routing_map
 
 text = "def add(a, b):\n    return a + b  # 12+34=64"
 ids = torch.tensor(TOKENIZER.encode(text))

@@ -32,7 +32,7 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -45,7 +45,7 @@ rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versi
 # %%
 from dataclasses import replace
 import torch
-from moe_lab.config import preset
+from moe_lab.core.config import preset
 from moe_lab.model import Transformer
 
 p = preset(rt.mode)
@@ -58,7 +58,7 @@ moe_active = Transformer(p.moe).n_params(active=True)
 assert abs(moe_active - dense_active) / dense_active < 0.05  # equal active size (the router adds a little)
 
 # %% [markdown]
-# Two pieces of the training loop `moe_lab.train.train` are yours to rewrite first; the checker
+# Two pieces of the training loop `moe_lab.training.loop.train` are yours to rewrite first; the checker
 # compares them with the library's (`lr_at` and the model's masked loss), which the training below uses.
 #
 # **Exercise: the learning-rate schedule.** Linear warm-up, then cosine decay (`cfg` is a
@@ -69,7 +69,7 @@ assert abs(moe_active - dense_active) / dense_active < 0.05  # equal active size
 
 # %%
 import math
-from moe_lab import checks
+from moe_lab.course import checks
 
 
 def lr_schedule(step, cfg):
@@ -81,7 +81,7 @@ def lr_schedule(step, cfg):
     # END SOLUTION
 
 
-checks.check_lr_schedule(lr_schedule)  # the same as moe_lab.train.lr_at
+checks.check_lr_schedule(lr_schedule)  # the same as moe_lab.training.loop.lr_at
 
 # %% [markdown]
 # **Exercise: the masked loss.** The language-model loss is the cross-entropy of the targets `y`
@@ -116,7 +116,8 @@ checks.check_masked_loss(masked_loss)  # the same as the loss of moe_lab.model.T
 
 # %%
 from moe_lab.data import batch_fn, course_mixture, course_task
-from moe_lab.train import AccuracySnapshot, train
+from moe_lab.training.recipe import AccuracySnapshot
+from moe_lab.training.loop import train
 
 mixture, task = course_mixture(), course_task()
 models, histories = {}, {}
@@ -139,7 +140,7 @@ for name, h in histories.items():
 
 # %%
 import matplotlib.pyplot as plt
-from moe_lab.plots import plot_loss_curves
+from moe_lab.course.plots import plot_loss_curves
 
 pair = {k: histories[k] for k in ("dense", "moe")}
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
@@ -161,11 +162,11 @@ assert moe_h.final_val_loss < dense_h.final_val_loss  # per step, the MoE wins a
 
 # %%
 import numpy as np
-from moe_lab.plots import imbalance_curve, plot_balance_comparison
+from moe_lab.course.plots import imbalance_curve, plot_balance_comparison
 
 plot_balance_comparison({"no balancing": histories["moe, no balancing"], "aux-loss-free bias": histories["moe"]}, layer=0)
 plt.show()
-from moe_lab.plots import plot_expert_load
+from moe_lab.course.plots import plot_expert_load
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 2.5), layout="constrained")
 for ax, name in zip(axes, ("moe, no balancing", "moe")):
@@ -271,7 +272,7 @@ plt.show()
 # whose operand pairs the model never saw:
 
 # %%
-from moe_lab.evaluation import exact_match, solve
+from moe_lab.training.evaluation import exact_match, solve
 
 acc = exact_match(moe, task, n=300)
 problems = task.problems(6, "heldout", seed=7)
@@ -308,7 +309,7 @@ plt.show()
 
 # %%
 from pathlib import Path
-from moe_lab.checkpoint import load_checkpoint, save_checkpoint
+from moe_lab.training.checkpoint import load_checkpoint, save_checkpoint
 
 if snapshot.step is not None:
     start = snapshot.model_copy()
@@ -324,7 +325,7 @@ else:  # the ci preset is too short to reach the target
     print(f"the check set never reached {snapshot.target:.0%} in {p.train.steps} steps (last checks: {checks_at[-3:]})")
 
 # %% [markdown]
-# The course's own training command, `python -m moe_lab.train --preset cpu --out
+# The course's own training command, `python -m moe_lab train --preset cpu --out
 # data/checkpoints/moe_cpu.safetensors`, does exactly what this notebook did for the MoE (same preset, seed
 # 0, same batches, same snapshot rule) and ships its snapshot: notebook 08 starts from that file, so it
 # works even if this notebook was never run. Where the file is missing (on Colab, the package comes
@@ -333,7 +334,7 @@ else:  # the ci preset is too short to reach the target
 # `shipped_checkpoint()` finds it (an earlier `.pt` one too). Check it is what it claims:
 
 # %%
-from moe_lab.checkpoint import shipped_checkpoint
+from moe_lab.training.checkpoint import shipped_checkpoint
 
 shipped_path = shipped_checkpoint("moe_cpu")
 if shipped_path is not None:

@@ -39,7 +39,8 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import cost
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -66,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_lab.config import notebook_sizes
+from moe_lab.core.config import notebook_sizes
 from moe_lab.kernels import INTERPRETED, intro  # intro: the canonical kernels of this notebook
 
 dev = rt.device  # where kernel inputs live: 'cuda' (compiled) or 'cpu' (interpreter)
@@ -180,14 +181,14 @@ print(f"add: {n:,} elements, {triton.cdiv(n, 1024)} programs of 1024; identical 
 
 # %% [markdown]
 # **FLOPs and bytes.** Counting them by hand gives one FLOP per element and 3n elements moved. The
-# canonical counts `intro.add_flops` / `intro.add_bytes` must agree:
+# canonical counts `cost.add_flops` / `cost.add_bytes` must agree:
 
 # %%
 itemsize = x.element_size()
-assert intro.add_flops(n) == n
-assert intro.add_bytes(n, x.dtype) == 3 * n * itemsize
-print(f"add: {intro.add_flops(n):,} FLOPs, {intro.add_bytes(n, x.dtype):,} bytes -> "
-      f"{intro.arithmetic_intensity(intro.add_flops(n), intro.add_bytes(n, x.dtype)):.3f} FLOP/byte")
+assert cost.add_flops(n) == n
+assert cost.add_bytes(n, x.dtype) == 3 * n * itemsize
+print(f"add: {cost.add_flops(n):,} FLOPs, {cost.add_bytes(n, x.dtype):,} bytes -> "
+      f"{cost.arithmetic_intensity(cost.add_flops(n), cost.add_bytes(n, x.dtype)):.3f} FLOP/byte")
 
 # %% [markdown]
 # 0.083 FLOP per byte. An H100 does about 300 bf16 FLOPs in the time it takes to move one byte
@@ -274,10 +275,10 @@ assert torch.isfinite(softmax_triton(big)).all()
 # one). The traffic is 2MN elements fused and 8MN + 4M for the five torch ops:
 
 # %%
-fused, unfused = intro.softmax_bytes(M, N, x.dtype), intro.softmax_bytes(M, N, x.dtype, fused=False)
+fused, unfused = cost.softmax_bytes(M, N, x.dtype), cost.softmax_bytes(M, N, x.dtype, fused=False)
 assert fused == 2 * M * N * itemsize and unfused == (8 * M * N + 4 * M) * itemsize
-assert intro.softmax_flops(M, N) == 5 * M * N
-print(f"softmax {M}x{N}: {intro.softmax_flops(M, N):,} FLOPs; fused {fused / 1e6:.1f} MB, five torch ops "
+assert cost.softmax_flops(M, N) == 5 * M * N
+print(f"softmax {M}x{N}: {cost.softmax_flops(M, N):,} FLOPs; fused {fused / 1e6:.1f} MB, five torch ops "
       f"{unfused / 1e6:.1f} MB ({unfused / fused:.2f}x more)")
 assert 3.9 < unfused / fused < 4.1
 
@@ -326,7 +327,7 @@ def tile_of(pid, n_tiles_m, n_tiles_n, group_m):
     # END SOLUTION
 
 
-from moe_lab import checks
+from moe_lab.course import checks
 
 checks.check_tile_of(tile_of)  # the same arithmetic as intro.matmul_kernel's first lines
 
@@ -446,16 +447,16 @@ print(f"matmul: ({M} x {K}) @ ({K} x {N}), {triton.cdiv(M, 32) * triton.cdiv(N, 
 # row. The L2 cache, helped by grouped order, brings the real traffic close to the ideal:
 
 # %%
-ideal = intro.matmul_bytes(M, N, K, a.dtype)
-no_cache = intro.matmul_bytes(M, N, K, a.dtype, block_m=32, block_n=32)
-assert intro.matmul_flops(M, N, K) == 2 * M * N * K
+ideal = cost.matmul_bytes(M, N, K, a.dtype)
+no_cache = cost.matmul_bytes(M, N, K, a.dtype, block_m=32, block_n=32)
+assert cost.matmul_flops(M, N, K) == 2 * M * N * K
 assert ideal == (M * K + K * N + M * N) * itemsize
 assert no_cache == (M * K * triton.cdiv(N, 32) + K * N * triton.cdiv(M, 32) + M * N) * itemsize
-print(f"matmul {M}x{N}x{K}: {intro.matmul_flops(M, N, K) / 1e6:.1f} MFLOPs; ideal {ideal / 1e6:.2f} MB, "
+print(f"matmul {M}x{N}x{K}: {cost.matmul_flops(M, N, K) / 1e6:.1f} MFLOPs; ideal {ideal / 1e6:.2f} MB, "
       f"32x32 tiles re-reading from memory {no_cache / 1e6:.2f} MB ({no_cache / ideal:.1f}x)")
 
 # %% [markdown]
-# **Explore the tiles.** `moe_lab.tiling.matmul_tiling` does this counting for any sizes and block
+# **Explore the tiles.** `moe_lab.course.tiling.matmul_tiling` does this counting for any sizes and block
 # sizes: the grid, the K-steps and tile loads of each program, the bytes, the arithmetic intensity,
 # the shared memory the tiles need, and the work spent on masked-out lanes at the edges. On a GPU
 # Triton overlaps loads with compute by keeping `num_stages` K-steps in flight, each with its own A
@@ -465,8 +466,8 @@ print(f"matmul {M}x{N}x{K}: {intro.matmul_flops(M, N, K) / 1e6:.1f} MFLOPs; idea
 # matrix, or float32 tiles of 256 with 3 stages).
 
 # %%
-from moe_lab import tiling
-from moe_lab.widgets import tiling_explorer
+from moe_lab.course import tiling
+from moe_lab.course.widgets import tiling_explorer
 
 launch = tiling.matmul_tiling(M, N, K, 32, 32, 32, dtype=a.dtype)  # the 32 x 32 x 32 launch above
 print(launch.summary())
@@ -495,13 +496,13 @@ H100_HBM_BYTES_PER_S = 3.35e12  # HBM3 bandwidth, H100 SXM data sheet
 ridge = H100_BF16_FLOPS / H100_HBM_BYTES_PER_S  # FLOP per byte
 bf16 = torch.bfloat16
 cases = {
-    "add, 2^24 elements": (intro.add_flops(1 << 24), intro.add_bytes(1 << 24, bf16)),
-    "softmax 4096x4096, 5 torch ops": (intro.softmax_flops(4096, 4096), intro.softmax_bytes(4096, 4096, bf16, fused=False)),
-    "softmax 4096x4096, fused": (intro.softmax_flops(4096, 4096), intro.softmax_bytes(4096, 4096, bf16)),
-    "matmul 16x4096x4096 (16 tokens)": (intro.matmul_flops(16, 4096, 4096), intro.matmul_bytes(16, 4096, 4096, bf16)),
-    "matmul 4096^3": (intro.matmul_flops(4096, 4096, 4096), intro.matmul_bytes(4096, 4096, 4096, bf16)),
+    "add, 2^24 elements": (cost.add_flops(1 << 24), cost.add_bytes(1 << 24, bf16)),
+    "softmax 4096x4096, 5 torch ops": (cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, bf16, fused=False)),
+    "softmax 4096x4096, fused": (cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, bf16)),
+    "matmul 16x4096x4096 (16 tokens)": (cost.matmul_flops(16, 4096, 4096), cost.matmul_bytes(16, 4096, 4096, bf16)),
+    "matmul 4096^3": (cost.matmul_flops(4096, 4096, 4096), cost.matmul_bytes(4096, 4096, 4096, bf16)),
 }
-intensity = {name: intro.arithmetic_intensity(fl, by) for name, (fl, by) in cases.items()}
+intensity = {name: cost.arithmetic_intensity(fl, by) for name, (fl, by) in cases.items()}
 print(f"{'kernel':34s} {'GFLOP':>9s} {'MB moved':>9s} {'FLOP/byte':>10s}  bound by")
 for name, (fl, by) in cases.items():
     print(f"{name:34s} {fl / 1e9:9.3f} {by / 1e6:9.1f} {intensity[name]:10.2f}  "
@@ -576,14 +577,14 @@ if rt.on_gpu:
     torch.testing.assert_close(softmax_triton(xs), torch.softmax(xs.float(), 1).to(dt), rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(matmul_triton(am, bm, **big_tile).float(), (am @ bm).float(), rtol=3e-2, atol=1.0)
     runs = {  # name: (function, FLOPs, bytes it must move at least)
-        "add torch": (lambda: xa + ya, intro.add_flops(1 << 24), intro.add_bytes(1 << 24, dt)),
-        "add triton": (lambda: add_triton(xa, ya), intro.add_flops(1 << 24), intro.add_bytes(1 << 24, dt)),
-        "softmax 5 torch ops": (lambda: softmax_torch(xs), intro.softmax_flops(4096, 4096), intro.softmax_bytes(4096, 4096, dt)),
-        "softmax torch.softmax": (lambda: torch.softmax(xs, 1), intro.softmax_flops(4096, 4096), intro.softmax_bytes(4096, 4096, dt)),
-        "softmax triton": (lambda: softmax_triton(xs), intro.softmax_flops(4096, 4096), intro.softmax_bytes(4096, 4096, dt)),
-        "matmul torch (cuBLAS)": (lambda: am @ bm, intro.matmul_flops(4096, 4096, 4096), intro.matmul_bytes(4096, 4096, 4096, dt)),
-        "matmul triton": (lambda: matmul_triton(am, bm, **big_tile), intro.matmul_flops(4096, 4096, 4096),
-                          intro.matmul_bytes(4096, 4096, 4096, dt)),
+        "add torch": (lambda: xa + ya, cost.add_flops(1 << 24), cost.add_bytes(1 << 24, dt)),
+        "add triton": (lambda: add_triton(xa, ya), cost.add_flops(1 << 24), cost.add_bytes(1 << 24, dt)),
+        "softmax 5 torch ops": (lambda: softmax_torch(xs), cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, dt)),
+        "softmax torch.softmax": (lambda: torch.softmax(xs, 1), cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, dt)),
+        "softmax triton": (lambda: softmax_triton(xs), cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, dt)),
+        "matmul torch (cuBLAS)": (lambda: am @ bm, cost.matmul_flops(4096, 4096, 4096), cost.matmul_bytes(4096, 4096, 4096, dt)),
+        "matmul triton": (lambda: matmul_triton(am, bm, **big_tile), cost.matmul_flops(4096, 4096, 4096),
+                          cost.matmul_bytes(4096, 4096, 4096, dt)),
     }
     ms = {name: do_bench(fn) for name, (fn, _, _) in runs.items()}
     print(f"{'kernel':24s} {'ms':>8s} {'GB/s':>8s} {'TFLOP/s':>8s}")

@@ -44,7 +44,7 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -62,16 +62,18 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from moe_lab import cost, plots
-from moe_lab.config import notebook_sizes
+from moe_lab.core import cost
+from moe_lab.course import plots
+from moe_lab.core.config import notebook_sizes
 from moe_lab.kernels import INTERPRETED, config_table, moe_gemm  # after runtime.setup(): it imports triton
 from moe_lab.kernels.moe import MoEExpertsFunction, experts_triton, last_choice
 from moe_lab.kernels.moe_backward import moe_experts_backward
 from moe_lab.kernels.moe_gemm import moe_combine, moe_down, moe_up, pick_block_m
-from moe_lab.kernels.moe_routing import max_padded_rows, moe_align, moe_align_reference
+from moe_lab.core.cost import max_padded_rows
+from moe_lab.kernels.moe_routing import moe_align, moe_align_reference
 from moe_lab.model import expert_backends
 from moe_lab.model.experts import experts_reference, experts_sorted
-from moe_lab.widgets import show_source, source_of
+from moe_lab.course.widgets import show_source, source_of
 
 dev = rt.device
 expert_idx = torch.tensor([[2, 0], [0, 1], [2, -1], [1, 0], [0, 2], [1, 2], [2, 0]], device=dev)  # (T, top_k)
@@ -142,7 +144,7 @@ assert layout[1].tolist() == ref_offsets and layout[2][: ref_offsets[-1]].tolist
 print("align_torch == moe_align == moe_align_reference")
 
 # %% [markdown]
-# Here is the layout as a picture (`moe_lab.plots.plot_moe_layout`). On the left, which expert each
+# Here is the layout as a picture (`moe_lab.course.plots.plot_moe_layout`). On the left, which expert each
 # token chose, and in which slot j. In the middle, the sorted and padded rows, with a line at each
 # block boundary. On the right, the expert that each block of rows runs:
 
@@ -171,7 +173,7 @@ print("align_torch == moe_align on 53 tokens, top-3, 7 experts, block_m in 1, 4,
 
 # %% [markdown]
 # **What padding costs.** Padding rows are multiplied like real rows (then thrown away), so the
-# wasted compute is `offsets[E] / (rows routed) - 1` (`moe_lab.cost.padded_rows` pads each count). For an expert, that is at most
+# wasted compute is `offsets[E] / (rows routed) - 1` (`moe_lab.core.cost.padded_rows` pads each count). For an expert, that is at most
 # `block_m - 1` rows. This matters when experts are many and get few tokens each, as with
 # DeepSeek-V3's 256 fine-grained experts:
 
@@ -195,15 +197,15 @@ assert overheads[(512, 256, 8)][-1] > 1.0  # 16 rows per expert in blocks of 128
 # that) and at most 128 (32 under the interpreter). On a GPU with a tuned table (notebook 07), the
 # table names the row block that measured fastest for the layer's shape and token count.
 #
-# **Explore the padding.** `moe_lab.tiling.grouped_gemm_tiling` counts the same layout from the
+# **Explore the padding.** `moe_lab.course.tiling.grouped_gemm_tiling` counts the same layout from the
 # rows per expert alone: padded rows, the wasted fraction, the blocks used and allocated, and the
 # programs of one projection (rows × d) @ (d × f) over it. Below: 512 tokens routed top-6 over 64
 # experts (48 rows per expert on average) in blocks of 64, checked against `moe_align`, then an
 # explorer. Watch the waste fall as BLOCK_M shrinks or the tokens grow.
 
 # %%
-from moe_lab import tiling
-from moe_lab.widgets import moe_padding_explorer
+from moe_lab.course import tiling
+from moe_lab.course.widgets import moe_padding_explorer
 
 idx_p = torch.rand(512, 64, generator=torch.Generator().manual_seed(0)).topk(6, dim=1).indices  # (512, 6)
 al_p = moe_align(idx_p, 64, 64)
@@ -288,7 +290,7 @@ print(f"moe_up: {len(rows)} real rows match torch; {int(padding.sum())} padding/
 # kernel does. (`align` also carries `max_rows`, `block_m`, `top_k` and `n_assignments`.)
 
 # %%
-from moe_lab import checks
+from moe_lab.course import checks
 
 
 def rows_to_token_expert(align):  # -> token (max_rows,), expert (max_rows,): -1 on padding rows
@@ -579,7 +581,7 @@ for name, (xx, idx, ww, p1, p3, p2, probe) in cases.items():  # triton's output 
 # are dropped.
 
 # %%
-from moe_lab.config import MoEConfig
+from moe_lab.core.config import MoEConfig
 from moe_lab.model import MoELayer, expert_backends
 
 configs = {
@@ -601,14 +603,15 @@ for cname, mcfg in configs.items():
 #
 # On a GPU, compare the three back-ends at the GPU preset's layer size (8,192 tokens, 16 experts,
 # top-2, in bf16), forward only and forward + backward, with the benchmark's own code
-# (`moe_lab.bench.run`, the same as `python -m moe_lab.bench`). Notebook 07 carries out the full study
+# (`moe_lab.studies.bench.run`, the same as `python -m moe_lab bench`). Notebook 07 carries out the full study
 # (kernel configurations, rooflines, `torch._grouped_mm`, dense cuBLAS). Under the interpreter the numbers would
 # measure Python, so on a CPU the cell only says so.
 
 # %%
 if rt.on_gpu:
-    from moe_lab import bench, plots, profiling
-    from moe_lab.config import preset
+    from moe_lab.studies import bench, profiling
+    from moe_lab.course import plots
+    from moe_lab.core.config import preset
 
     Tg = preset("gpu").train.batch_size * preset("gpu").train.seq_len  # tokens of one training batch
     # the benchmark's own timer (do_bench) and inputs, on the gpu preset's layer ("teaching")
@@ -640,10 +643,10 @@ else:
 # %%
 from dataclasses import replace
 
-from moe_lab.config import preset
+from moe_lab.core.config import preset
 from moe_lab.data import batch_fn, course_mixture
 from moe_lab.model import Transformer
-from moe_lab.train import train_step
+from moe_lab.training.loop import train_step
 
 p = preset(rt.mode)
 mcfg = p.moe if rt.on_gpu else replace(p.moe, n_layers=2)  # the interpreter: 2 MoE layers
@@ -680,7 +683,7 @@ else:
 
 # %% [markdown]
 # The two models took the same step. From here on, `model.set_backend("triton")` is a drop-in
-# switch: notebook 07 measures what it buys on a GPU, and `moe_lab.train` trains with any back-end.
+# switch: notebook 07 measures what it buys on a GPU, and `moe_lab.training.recipe` trains with any back-end.
 #
 # ## 9. From the simple kernel to the package's: what it adds for speed
 #
@@ -689,7 +692,7 @@ else:
 # and nothing in what they compute (the tests run every configuration against the reference):
 #
 # 1. **Configurations tuned ahead, per device**: tiles, GROUP_M, warps and stages come from
-#    `moe_lab/kernels/configs/<device>.json` (`python -m moe_lab.tune`), looked up, not timed, at run
+#    `moe_lab/kernels/configs/<device>.json` (`python -m moe_lab tune`), looked up, not timed, at run
 #    time; `config_table.describe(last_choice())` says what ran and why.
 # 2. **Row blocks up to 128** where experts hold many rows: each weight tile in shared memory serves
 #    more rows (more FLOPs per byte), at the cost of padding where experts hold few.

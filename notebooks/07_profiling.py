@@ -44,7 +44,8 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import cost
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -76,7 +77,7 @@ def moe_flops(T, d, f, k):
     # END SOLUTION
 
 
-from moe_lab import checks
+from moe_lab.course import checks
 
 checks.check_moe_flops(moe_flops)
 
@@ -91,8 +92,9 @@ checks.check_moe_flops(moe_flops)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_lab import bench, plots, profiling
-from moe_lab.config import notebook_sizes
+from moe_lab.studies import bench, profiling
+from moe_lab.course import plots
+from moe_lab.core.config import notebook_sizes
 from moe_lab.model.experts import experts_reference, experts_sorted
 
 T, d, f, E, k = 37, 16, 24, 6, 2
@@ -107,18 +109,18 @@ with FlopCounterMode(display=False) as bwd_count:
     y.backward(torch.randn(T, d, generator=g))
 print(f"forward : torch counted {fwd_count.get_total_flops():,} FLOPs, moe_flops says {moe_flops(T, d, f, k):,}")
 print(f"backward: torch counted {bwd_count.get_total_flops():,} FLOPs, 2x forward = {2 * moe_flops(T, d, f, k):,}")
-assert fwd_count.get_total_flops() == moe_flops(T, d, f, k) == profiling.moe_flops(T, d, f, k)
-assert bwd_count.get_total_flops() == profiling.moe_flops(T, d, f, k, "backward")
+assert fwd_count.get_total_flops() == moe_flops(T, d, f, k) == cost.moe_flops(T, d, f, k)
+assert bwd_count.get_total_flops() == cost.moe_flops(T, d, f, k, "backward")
 
 # %% [markdown]
-# The canonical count is `moe_lab.profiling.moe_flops(T, d, f, k, mode)`. Here it is at 8192 tokens
+# The canonical count is `moe_lab.core.cost.moe_flops(T, d, f, k, mode)`. Here it is at 8192 tokens
 # for the layers the benchmark uses: the course's GPU preset layer (`teaching`), a Mixtral-8x7B-like
 # layer and a fine-grained DeepSeek/Qwen-like layer:
 
 # %%
 for name in ("teaching", "mixtral", "fine"):
     s = bench.SHAPES[name]
-    fl = profiling.moe_flops(8192, s.d_model, s.d_expert, s.top_k)
+    fl = cost.moe_flops(8192, s.d_model, s.d_expert, s.top_k)
     print(f"{name:9s} d={s.d_model:5d} f={s.d_expert:6d} E={s.n_experts:4d} k={s.top_k}: "
           f"{fl / 1e9:9.1f} GFLOP forward, {3 * fl / 1e9:9.1f} forward+backward  ({s.about})")
 
@@ -126,7 +128,7 @@ for name in ("teaching", "mixtral", "fine"):
 # ## 2. Count the bytes: whose weights are read?
 #
 # FLOPs alone do not set the speed. A kernel must also bring its data from memory. For an expert
-# layer the bytes come in three parts (`moe_lab.profiling.moe_bytes`):
+# layer the bytes come in three parts (`moe_lab.core.cost.moe_bytes`):
 #
 # - **weights**: each expert that receives at least one token reads w1, w3 and w2, which is 3·d·f
 #   values. An expert that receives no token reads nothing.
@@ -186,8 +188,8 @@ tokens_axis = 2 ** np.arange(0, 16)
 fig, ax = plt.subplots(figsize=(7, 3.8))
 for name in ("teaching", "mixtral", "fine"):
     s = bench.SHAPES[name]
-    ai = [profiling.arithmetic_intensity(profiling.moe_flops(int(t), s.d_model, s.d_expert, s.top_k),
-                                         profiling.moe_bytes(int(t), s.d_model, s.d_expert, s.n_experts, s.top_k, 2)["total"])
+    ai = [cost.arithmetic_intensity(cost.moe_flops(int(t), s.d_model, s.d_expert, s.top_k),
+                                         cost.moe_bytes(int(t), s.d_model, s.d_expert, s.n_experts, s.top_k, 2)["total"])
           for t in tokens_axis]
     ax.plot(tokens_axis, ai, marker="o", ms=3, label=f"{name} (E={s.n_experts}, k={s.top_k})")
 ax.axhline(H100_RIDGE, color="k", ls="--", lw=1, label=f"H100 data-sheet ridge ≈ {H100_RIDGE:.0f} FLOP/byte")
@@ -210,15 +212,15 @@ plt.show()
 # intensity can never pass 1.5·k·f = 384 FLOP/byte, just above the H100's ridge of about 295.
 #
 # Intermediates change the picture for each implementation. Here are the bytes of each back-end's
-# *model*, counted op by op from its code (`profiling.INTERMEDIATE_TRAFFIC`), for the fine-grained
+# *model*, counted op by op from its code (`cost.INTERMEDIATE_TRAFFIC`), for the fine-grained
 # layer at 8192 tokens:
 
 # %%
 s = bench.SHAPES["fine"]
-minimal = profiling.moe_bytes(8192, s.d_model, s.d_expert, s.n_experts, s.top_k, 2)
+minimal = cost.moe_bytes(8192, s.d_model, s.d_expert, s.n_experts, s.top_k, 2)
 print(f"{'back-end':10s} {'weights':>9s} {'activations':>12s} {'intermediates':>14s} {'total':>9s}  vs minimal")
 for backend in ("minimal", "triton", "grouped_mm", "sorted", "reference"):
-    b = profiling.moe_bytes(8192, s.d_model, s.d_expert, s.n_experts, s.top_k, 2, backend)
+    b = cost.moe_bytes(8192, s.d_model, s.d_expert, s.n_experts, s.top_k, 2, backend)
     print(f"{backend:10s} {b['weights'] / 1e6:7.0f}MB {b['activations'] / 1e6:10.0f}MB {b['intermediates'] / 1e6:12.0f}MB "
           f"{b['total'] / 1e6:7.0f}MB  {b['total'] / minimal['total']:5.1f}x")
 
@@ -270,8 +272,8 @@ def roofline(intensity, peak_flops, bandwidth):
 checks.check_roofline(roofline)
 
 # %% [markdown]
-# Now measure the back-ends on this machine with the benchmark's own code (`moe_lab.bench.run`,
-# the same function as `python -m moe_lab.bench`). On a CPU: the course's CPU-preset layer (`tiny`)
+# Now measure the back-ends on this machine with the benchmark's own code (`moe_lab.studies.bench.run`,
+# the same function as `python -m moe_lab bench`). On a CPU: the course's CPU-preset layer (`tiny`)
 # and the teaching layer at a few small token counts, forward only. `triton` is left out on a CPU, because its
 # interpreter times Python, not a kernel. On a GPU: the GPU preset layer and the fine-grained
 # layer, every back-end.
@@ -304,7 +306,7 @@ plt.show()
 #
 # ## 5. Recorded GPU figures
 #
-# `python -m moe_lab.bench --record` runs the full sweep on a GPU: three layers, tokens from 128 to
+# `python -m moe_lab bench --record` runs the full sweep on a GPU: three layers, tokens from 128 to
 # 32768, every back-end, forward and forward+backward. It writes `data/bench/<device>.json` with the
 # device, driver, torch and triton versions, the date and the command. Every GPU figure in this
 # repository comes from such a file. This cell plots the ones that exist, each labelled with its
@@ -315,8 +317,8 @@ records = profiling.load_bench_records("data/bench")
 if not records:
     print("No recorded GPU figures yet: data/bench/ holds no *.json file.\n"
           "To make one, on a machine with a CUDA GPU, from the repository root:\n"
-          "    python -m moe_lab.bench --record                       # the full sweep, several minutes\n"
-          "    python -m moe_lab.gpu_suite --out runs/gpu --only bench  # the same, with logs and a time limit\n"
+          "    python -m moe_lab bench --record                       # the full sweep, several minutes\n"
+          "    python -m moe_lab gpu-suite --out runs/gpu --only bench  # the same, with logs and a time limit\n"
           "then commit data/bench/<device>.json. This notebook will plot it here, labelled with its device and date.")
 for rec in records:
     print(f"{profiling.record_label(rec)} | driver {rec['driver']} | torch {rec['torch']} | triton {rec['triton']}\n"
@@ -386,7 +388,7 @@ else:
 # `triton.autotune` picks them by timing a list of candidates the first time a kernel meets a new
 # shape. That costs a compile and a timing per candidate before the first result: on the course's
 # first GPU run, every GPU test that used a new shape waited about 17 s for it. So the course does
-# what vLLM and SGLang do for their fused-MoE kernels: `python -m moe_lab.tune` times the whole
+# what vLLM and SGLang do for their fused-MoE kernels: `python -m moe_lab tune` times the whole
 # search space once per device, on the course's layer shapes and a grid of token counts, and writes
 # `moe_lab/kernels/configs/<device>.json`. At run time `config_table.choose` looks up the nearest
 # bucket: no timing, one compile per configuration. A GPU without a table gets a documented
@@ -496,11 +498,11 @@ else:
 import json
 from pathlib import Path
 
-from moe_lab import tune
+from moe_lab.studies import tune
 
 tune_files = sorted((Path(profiling.__file__).resolve().parents[1] / "data" / "tune").glob("*.json"))
 if not tune_files:
-    print("No recorded tuning run yet (data/tune/*.json): `python -m moe_lab.tune --timings data/tune/<device>.json` "
+    print("No recorded tuning run yet (data/tune/*.json): `python -m moe_lab tune --timings data/tune/<device>.json` "
           "on a GPU writes one.")
 for path in tune_files:
     rec = json.loads(path.read_text())
@@ -624,9 +626,9 @@ if not compared:
 #   fraction of what the machine allows at that intensity.
 # - `triton.testing.do_bench` (GPU) and medians after a warm-up (CPU) time kernels. `torch.profiler`
 #   shows where the time goes. Tile sizes, program order, warps and stages are **tuned ahead** per
-#   device (`python -m moe_lab.tune`) and looked up at run time; autotuning stays one switch away.
-# - `python -m moe_lab.bench` measures all of this. `--record` on a GPU writes the figures this
-#   notebook plots; `python -m moe_lab.gpu_suite` runs every GPU test and benchmark in one call.
+#   device (`python -m moe_lab tune`) and looked up at run time; autotuning stays one switch away.
+# - `python -m moe_lab bench` measures all of this. `--record` on a GPU writes the figures this
+#   notebook plots; `python -m moe_lab gpu-suite` runs every GPU test and benchmark in one call.
 #
 # ## Papers and further reading
 # - Williams, Waterman, Patterson. *Roofline: an insightful visual performance model for multicore architectures* (CACM 2009).

@@ -36,13 +36,13 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
 # ## 1. The starting point: a model that is sometimes right
 #
-# The course ships the checkpoint that `python -m moe_lab.train --preset cpu` makes: notebook 04's
+# The course ships the checkpoint that `python -m moe_lab train --preset cpu` makes: notebook 04's
 # MoE (trained on additions of 1- to 3-digit numbers and on Python source), as it was at the snapshot
 # notebook 04 takes for GRPO, when it first answered 65 % of a check set of training problems right
 # (notebook 04, section 7). If the file is missing (on Colab the package comes without `data/`), this
@@ -56,18 +56,19 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from moe_lab import checks, grpo
-from moe_lab.checkpoint import load_checkpoint, shipped_checkpoint
-from moe_lab.config import preset
+from moe_lab.course import checks
+from moe_lab.training import grpo
+from moe_lab.training.checkpoint import load_checkpoint, shipped_checkpoint
+from moe_lab.core.config import preset
 from moe_lab.data import course_task
-from moe_lab.evaluation import exact_match, sampled_accuracy, solve
+from moe_lab.training.evaluation import exact_match, sampled_accuracy, solve
 
 task = course_task()
 ckpt = shipped_checkpoint("moe_cpu")  # data/checkpoints/moe_cpu.safetensors (or an earlier .pt), None if absent
 if ckpt is not None:
     start_model, figures = load_checkpoint(ckpt, expected=preset("cpu").moe, device=rt.device)
 else:
-    from moe_lab.train import train_course_model
+    from moe_lab.training.recipe import train_course_model
     start_model, _, figures = train_course_model("cpu", progress=True, device=str(rt.device))
 print(f"{ckpt.name if ckpt is not None else 'trained here'}: snapshot at step {figures.get('snapshot_step', '?')} of "
       f"{figures.get('steps', '?')}, recorded held-out exact match {figures['heldout_exact_match']:.1%}")
@@ -120,7 +121,7 @@ assert rows[0][2] > greedy_start  # some problems the greedy answer misses are s
 # - **KL penalty** to a frozen reference $\pi_\text{ref}$ (the starting model), estimated per token by
 #   $k_3 = \frac{\pi_\text{ref}}{\pi_\theta} - \log\frac{\pi_\text{ref}}{\pi_\theta} - 1 \ge 0$.
 #
-# `moe_lab.grpo` implements each piece; you write the three at the heart of it.
+# `moe_lab.training.grpo` implements each piece; you write the three at the heart of it.
 
 # %% [markdown]
 # ## 3. Rollouts and rewards
@@ -160,8 +161,8 @@ for text in ["975\n", "975", "976\n", "", "\n", "9 75\n", "975\n1\n", "9" * 300,
 # %%
 import random
 
-from moe_lab import bench_generate
-from moe_lab.config import notebook_sizes
+from moe_lab.studies import bench_generate
+from moe_lab.core.config import notebook_sizes
 
 step_rng = random.Random(0)
 step_problems = [task.sample(step_rng, "train") for _ in range(32)]  # one step's problems
@@ -191,7 +192,7 @@ def group_advantages(rewards, group_size, eps=1e-6):
     # END SOLUTION
 
 
-checks.check_group_advantages(group_advantages)  # the same as moe_lab.grpo.group_advantages
+checks.check_group_advantages(group_advantages)  # the same as moe_lab.training.grpo.group_advantages
 
 # %% [markdown]
 # How hard does each group push? With binary rewards, a group's advantages depend only on how many
@@ -220,7 +221,7 @@ plt.show()
 # function the plots above use; it draws in a live notebook).
 
 # %%
-from moe_lab import widgets
+from moe_lab.course import widgets
 
 widgets.advantage_explorer()
 
@@ -243,7 +244,7 @@ def kl_k3(logp, ref_logp):
     # END SOLUTION
 
 
-checks.check_kl_k3(kl_k3)  # the same as moe_lab.grpo.kl_k3
+checks.check_kl_k3(kl_k3)  # the same as moe_lab.training.grpo.kl_k3
 
 # %% [markdown]
 # Why k3 and not simply $\log\pi_\theta - \log\pi_\text{ref}$ (k1)? Both average to the true KL over
@@ -279,7 +280,7 @@ def clipped_surrogate(ratio, advantage, eps):
     # END SOLUTION
 
 
-checks.check_clipped_surrogate(clipped_surrogate)  # the per-token core of moe_lab.grpo.grpo_loss
+checks.check_clipped_surrogate(clipped_surrogate)  # the per-token core of moe_lab.training.grpo.grpo_loss
 
 # %% [markdown]
 # The picture of PPO's clip: for a positive advantage the objective stops growing at $1+\varepsilon$
@@ -390,7 +391,7 @@ plt.show()
 
 # %% [markdown]
 # The check. The improvement must be real, not noise: five runs of the CI preset (100 steps) with
-# seeds 0–4, measured on a 2-core CPU (`python -m moe_lab.rl_spread --mode ci --seeds 0-4`), ended
+# seeds 0–4, measured on a 2-core CPU (`python -m moe_lab rl-spread --mode ci --seeds 0-4`), ended
 # between 82.8 % and 85.6 % from 66.0 % (a spread of 2.8 points across seeds; evaluation noise on
 # 500 problems is about ±2 points). We require a gain of at least 10 points, well above that
 # spread; the CPU preset (500 steps) must reach the course's target of +20 points.
@@ -468,7 +469,7 @@ print(f"after {compare_steps} steps: GRPO {grpo_at:.1%}, REINFORCE {rf_hist.eval
 
 # %% [markdown]
 # One run of each decides nothing: which of the two comes out ahead above depends on the seed.
-# Five seeds of each at this setting (200 steps from the same checkpoint, `python -m moe_lab.rl_spread
+# Five seeds of each at this setting (200 steps from the same checkpoint, `python -m moe_lab rl-spread
 # --mode cpu --steps 200 --seeds 0-4 --advantage group,batch_mean`, 2-core CPU) ended at:
 #
 # | | seeds 0-4 | mean | range |

@@ -39,7 +39,7 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -88,7 +88,7 @@ assert top_k_v3 / n_routed < 0.05  # ...and each token touches under 5% of them
 # plain Python lists standing in for the ranks.
 
 # %%
-from moe_lab import checks
+from moe_lab.course import checks
 
 
 def all_to_all_sim(chunks):
@@ -202,10 +202,10 @@ def ep_simulated(xs, idxs, ws, w1, w3, w2):
 # would show up as an error of order 1.
 
 # %%
-from moe_lab.config import MoEConfig
+from moe_lab.core.config import MoEConfig
 from moe_lab.model import MoELayer
 
-from moe_lab.config import notebook_sizes
+from moe_lab.core.config import notebook_sizes
 
 SIZES = notebook_sizes("09", rt.mode)["layer"]  # tokens per rank, model width, expert width, routed experts, top-k
 T, d, f, E, k = (SIZES[n] for n in ("T", "d", "f", "E", "k"))
@@ -596,7 +596,7 @@ assert int(rows_cap.sum(0).max()) <= W * (E // W) * cap  # capacity bounds every
 # own that `run_torchrun` removes afterwards (torchrun leaves a `torchelastic_*` log folder behind):
 #
 # ```
-# torchrun --nproc-per-node 8 -m moe_lab.distributed --backend nccl --dtype float32 --tokens 4096
+# torchrun --nproc-per-node 8 -m moe_lab distributed --backend nccl --dtype float32 --tokens 4096
 # ```
 
 # %%

@@ -39,7 +39,7 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab import runtime
+from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
 # %% [markdown]
@@ -59,7 +59,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from moe_lab import checks
+from moe_lab.course import checks
 
 T0 = 8
 for n in (5, 50, 500):
@@ -148,8 +148,8 @@ assert torch.allclose(step_by_step, full, atol=1e-5)
 # %%
 import copy
 
-from moe_lab.checkpoint import load_checkpoint, shipped_checkpoint
-from moe_lab.config import preset
+from moe_lab.training.checkpoint import load_checkpoint, shipped_checkpoint
+from moe_lab.core.config import preset
 from moe_lab.data import TOKENIZER, course_task
 
 task = course_task()
@@ -158,7 +158,7 @@ if ckpt is not None:
     model, _ = load_checkpoint(ckpt, expected=preset("cpu").moe, device=rt.device)
     print(f"loaded {ckpt.name}")
 else:
-    from moe_lab.train import train_course_model
+    from moe_lab.training.recipe import train_course_model
     model, _, _ = train_course_model("cpu", progress=True, device=str(rt.device))
 model.eval()
 problems = [p for p in task.problems(200, "heldout", seed=3) if len(p.prompt) == 8][:64]
@@ -190,7 +190,7 @@ assert torch.equal(a, b) and diff32 <= 1e-5 * logits_a.abs().max() and diff64 < 
 # capacity than it trains with). `generate` switches the model to eval mode for that reason:
 
 # %%
-from moe_lab.config import ModelConfig, MoEConfig
+from moe_lab.core.config import ModelConfig, MoEConfig
 from moe_lab.model import Transformer
 
 torch.manual_seed(0)
@@ -216,12 +216,12 @@ assert dropped_train > 0 and dropped_eval == 0 and same
 # context (linearly for the matmuls, quadratically for attention). With a cache it costs one
 # token's forward plus attention over the cached keys: nearly flat at these sizes. The course
 # model's shape, with a longer `max_seq_len` (fresh weights: the time does not depend on them),
-# batch 1, measured now with `moe_lab.bench_generate.per_token_times`:
+# batch 1, measured now with `moe_lab.studies.bench_generate.per_token_times`:
 
 # %%
-from moe_lab import bench_generate
+from moe_lab.studies import bench_generate
 
-from moe_lab.config import notebook_sizes
+from moe_lab.core.config import notebook_sizes
 
 sizes = notebook_sizes("10", rt.mode)  # this notebook's sizes per mode, beside the presets
 contexts = list(sizes["contexts"])
@@ -263,7 +263,7 @@ if rt.device.type == "cpu":  # measured on CPUs; on a GPU this tiny model is lau
 # $d_h^R = 64$, bf16, from its published config; GQA with 8 groups as in Llama-3-70B, for comparison):
 
 # %%
-from moe_lab.mla_study import mla_twin
+from moe_lab.studies.mla_study import mla_twin
 from moe_lab.model.kv_cache import DEEPSEEK_V3, cache_table, sizes_of
 
 course_sizes = sizes_of(mla_twin(preset("cpu").moe), name="course model (cpu preset)", bytes_per_element=4)
@@ -413,12 +413,12 @@ assert set(cache.buffers) == {"c_kv", "k_rope"}
 #
 # Does the compressed cache cost quality? The course model with MLA in every block, its latent
 # width $d_c$ chosen so that the whole model has as many parameters as the MHA one
-# (`moe_lab.mla_study.mla_twin`; $d_h^R = d_h / 2$ as in DeepSeek-V3), trained exactly like it:
+# (`moe_lab.studies.mla_study.mla_twin`; $d_h^R = d_h / 2$ as in DeepSeek-V3), trained exactly like it:
 
 # %%
 from dataclasses import replace
 
-from moe_lab.mla_study import attention_params, is_current, load_record, train_one
+from moe_lab.studies.mla_study import attention_params, is_current, load_record, train_one
 
 p = preset(rt.mode)
 cfgs = {"MHA": p.moe, "MLA": mla_twin(p.moe)}
@@ -430,7 +430,7 @@ for name, cfg in cfgs.items():
 
 # %% [markdown]
 # A short run of each, live (the same batches and seed), then the full comparison recorded over
-# three seeds by `python -m moe_lab.mla_study --preset cpu --seeds 0,1,2 --record`
+# three seeds by `python -m moe_lab mla-study --preset cpu --seeds 0,1,2 --record`
 # (the cpu preset's 2000 steps for each model and seed, about 12 minutes on 2 cores):
 
 # %%
@@ -526,7 +526,7 @@ if rt.device.type == "cpu":  # 2.2-2.5x inside this notebook on 2 cores; a GPU r
 # The speed-up is
 # smaller than the token count of section 1 suggests because the model is tiny. Each forward pays a
 # fixed cost for launching some 200 small operations, whatever the number of tokens, and the
-# 32 prompts fall into 3 length groups, each generated as its own batch. `python -m moe_lab.bench_generate`
+# 32 prompts fall into 3 length groups, each generated as its own batch. `python -m moe_lab bench-generate`
 # records these figures with the throughput of longer generations (README, "Benchmarks").
 #
 # ## 10. Where this notebook simplifies

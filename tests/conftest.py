@@ -2,7 +2,7 @@
 
 Triton's interpreter must be chosen before `triton` is first imported (Triton 3.8 builds its
 language library at import time), so decide it here, before any test module imports anything.
-Run the whole suite with `make test`; one file with `.venv/bin/python -m pytest tests/test_moe.py`.
+Run the whole suite with `make test`; one file with `.venv/bin/python -m pytest tests/model/test_moe.py`.
 """
 import os
 

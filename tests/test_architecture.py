@@ -1,5 +1,9 @@
-"""The package's seams (issue 11): no import cycle, one definition of each cost function, no list of
-expert back-end names outside their registry.
+"""The package's seams: rooms by role, no import cycle, one definition of each cost function, no list
+of expert back-end names outside their registry.
+
+Rooms (README, "Layout"): core/ is the ground floor (imports nothing else of the package); the
+library (data, model, kernels, distributed, training) never imports studies/, course/ or commands/;
+nothing imports commands/ but the command line (moe_lab/__main__.py names them as strings).
 
 The import graph is read from the source (every `import moe_lab...` and `from moe_lab... import`,
 at module level and inside functions: a cycle closed by an import inside a function is still a
@@ -82,49 +86,134 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_each_cost_function_is_defined_once():
-    from moe_lab import cost, profiling, tiling
+def test_each_cost_function_is_defined_once_and_read_from_its_owner():
+    """cost.py defines every cost function; no other module re-exports one (an extra door), and the
+    package, the notebooks and the tests reach them as moe_lab.core.cost."""
+    from moe_lab.core import cost
 
-    for name in ("moe_flops", "moe_bytes", "expected_active_experts", "arithmetic_intensity", "dense_equal_flops_shape"):
-        assert getattr(profiling, name) is getattr(cost, name), name
-    assert tiling.max_padded_rows is cost.max_padded_rows
-    defined = {}
+    public = {n for n, v in vars(cost).items() if callable(v) and not n.startswith("_")
+              and getattr(v, "__module__", "") == cost.__name__} | {"INTERMEDIATE_TRAFFIC"}
+    defined, doors = {}, []
     for path in PKG.rglob("*.py"):
         for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.FunctionDef) and node.name in vars(cost) and callable(vars(cost)[node.name]) \
-                    and not node.name.startswith("_"):
+            if isinstance(node, ast.FunctionDef) and node.name in public:
                 defined.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
-    assert {n: p for n, p in defined.items() if p != ["moe_lab/cost.py"]} == {}
+    assert {n: p for n, p in defined.items() if p != ["moe_lab/core/cost.py"]} == {}
+    files = list(PKG.rglob("*.py")) + list((ROOT / "notebooks").glob("[0-9][0-9]_*.py")) + list((ROOT / "tests").rglob("*.py"))
+    for path in files:
+        tree = ast.parse(path.read_text())
+        modules = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                   and (getattr(n, "module", None) or "moe_lab").startswith("moe_lab") for a in n.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in public and isinstance(node.value, ast.Name) \
+                    and node.value.id in modules - {"cost"}:
+                doors.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("moe_lab") \
+                    and node.module != "moe_lab.core.cost" and any(a.name in public for a in node.names):
+                doors.append(f"{path.relative_to(ROOT)}:{node.lineno} from {node.module}")
+    assert doors == [], "cost functions reached through another module:\n" + "\n".join(doors)
 
 
-def test_the_kernels_cost_names_are_the_cost_modules():
-    pytest.importorskip("triton")
-    from moe_lab import cost
-    from moe_lab.kernels import intro, moe_routing
+ROOMS = {  # room -> the rooms it may import
+    "core": {"core"},
+    "library": {"core", "library"},
+    "studies": {"core", "library", "studies"},
+    "course": {"core", "library", "studies", "course"},
+    "commands": {"core", "library", "studies", "course", "commands"},
+}
+LIBRARY = {"data", "model", "kernels", "distributed", "training"}
 
-    for name in ("add_flops", "add_bytes", "softmax_flops", "softmax_bytes", "matmul_flops", "matmul_bytes",
-                 "arithmetic_intensity"):
-        assert getattr(intro, name) is getattr(cost, name), name
-    assert moe_routing.max_padded_rows is cost.max_padded_rows
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] in ("__main__",):
+        return "top"
+    return "library" if parts[1] in LIBRARY else parts[1]
+
+
+def test_every_module_stands_in_a_room_and_at_most_three_stand_loose():
+    loose = sorted(p.name for p in PKG.glob("*.py"))
+    assert len(loose) <= 3, loose
+    rooms = {room(m) for m in import_graph()} - {"top"}
+    assert rooms == set(ROOMS), rooms
+
+
+def arrows_against_the_rooms(graph: dict) -> list:
+    """Imports that run against the rooms: upwards, into commands, or from the ground floor to the
+    package's face (moe_lab/__init__.py sets the thread policy before torch loads: core may read it)."""
+    bad = []
+    for name, edges in graph.items():
+        if room(name) == "top":
+            continue
+        for target in edges:
+            if room(target) == "top":
+                if target != "moe_lab":
+                    bad.append(f"{name} -> {target}")
+            elif room(target) not in ROOMS[room(name)]:
+                bad.append(f"{name} -> {target}")
+    return sorted(bad)
+
+
+def test_the_rooms_import_only_downwards():
+    """The ground floor imports nothing else of the package; the library never imports studies,
+    course or commands; nothing imports commands."""
+    bad = arrows_against_the_rooms(import_graph())
+    assert bad == [], "imports that run against the rooms:\n" + "\n".join(bad)
+
+
+def test_the_room_checker_sees_planted_arrows():
+    graph = {"moe_lab.training.loop": {"moe_lab.course.plots"}, "moe_lab.core.config": {"moe_lab.model.moe"},
+             "moe_lab.course.plots": {"moe_lab.commands.lab"}, "moe_lab.studies.bench": {"moe_lab.model.moe"}}
+    assert arrows_against_the_rooms(graph) == ["moe_lab.core.config -> moe_lab.model.moe",
+                                               "moe_lab.course.plots -> moe_lab.commands.lab",
+                                               "moe_lab.training.loop -> moe_lab.course.plots"]
+
+
+def test_imports_inside_functions_are_few_and_each_says_why():
+    """At most 25 moe_lab imports inside functions, each with a comment on its line or the line above
+    (the optional Triton kernels, or a choice made before Triton loads)."""
+    rows = []
+    for path in PKG.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(m.startswith("moe_lab") for m in mods):
+                    commented = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                    rows.append((f"{path.relative_to(ROOT)}:{node.lineno}", commented))
+    assert len(rows) <= 25, [r for r, _ in rows]
+    assert [r for r, c in rows if not c] == []
+
+
+def test_the_default_device_is_computed_in_one_place():
+    offenders = [str(p.relative_to(ROOT)) for p in PKG.rglob("*.py")
+                 if '"cuda" if torch.cuda.is_available() else' in p.read_text() and p.name != "runtime.py"]
+    assert offenders == []
 
 
 def test_no_list_of_backend_names_outside_the_registry():
-    """A tuple or list literal holding two or more back-end names is a second owner of the names."""
-    names = {"reference", "sorted", "grouped_mm", "triton", "ep"}
+    """A tuple, list or set literal, or a dict's keys, holding two or more back-end names is a second
+    owner of the names (the facts live in core/backends.py, their code in model/expert_backends.py)."""
+    from moe_lab.core import backends
+
+    names = set(backends.names(functions_only=False))
     offenders = []
     for path in PKG.rglob("*.py"):
-        if path.name == "expert_backends.py":
+        if path.name in ("backends.py", "expert_backends.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-                found = {e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names}
+            elts = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                found = {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
                 if len(found) >= 2:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(found)}")
     assert offenders == []
 
 
 def test_notebook_sizes_live_beside_the_presets_for_every_mode():
-    from moe_lab.config import NOTEBOOK_SIZES, notebook_sizes
+    from moe_lab.core.config import NOTEBOOK_SIZES, notebook_sizes
 
     for nb, entries in NOTEBOOK_SIZES.items():
         for name, per_mode in entries.items():

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 PAIRS = sorted(p for p in NB_DIR.glob("[0-9][0-9]_*.py"))
 # The tracked notebooks only: not JupyterLab's .ipynb_checkpoints/ nor the learner's working copies
-# in notebooks/workspace/ (moe_lab/lab.py), which may hold outputs and learners' answers.
+# in notebooks/workspace/ (moe_lab/commands/lab.py), which may hold outputs and learners' answers.
 TRACKED_NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb")) + sorted(NB_DIR.glob("exercises/[0-9][0-9]_*.ipynb"))
 
 
@@ -90,7 +90,7 @@ README_NAMES = {"07": "07_profiling", "08": "08_grpo"}  # rows whose notebooks m
 
 @pytest.mark.parametrize("py", PAIRS, ids=lambda p: p.name)
 def test_first_cell_has_the_colab_badge_of_this_notebook(py):
-    from moe_lab import colab
+    from moe_lab.course import colab
 
     first = next(c for c in jupytext.read(py).cells if c.cell_type == "markdown")
     assert colab.badge(f"notebooks/{py.stem}.ipynb") in first.source, \
@@ -98,7 +98,7 @@ def test_first_cell_has_the_colab_badge_of_this_notebook(py):
 
 
 def test_readme_course_map_has_a_colab_badge_per_notebook():
-    from moe_lab import colab
+    from moe_lab.course import colab
 
     names = {p.stem[:2]: p.stem for p in PAIRS} | {k: v for k, v in README_NAMES.items() if k not in {p.stem[:2] for p in PAIRS}}
     rows = {m.group(1): line for line in (ROOT / "README.md").read_text().splitlines()
@@ -115,9 +115,9 @@ def test_readme_course_map_has_a_colab_badge_per_notebook():
 
 @pytest.mark.parametrize("py", PAIRS, ids=lambda p: p.name)
 def test_setup_cell_installs_the_package_without_torch_or_triton(py):
-    """On Colab the setup cell pip-installs the course from the address in moe_lab/colab.py, and only it:
+    """On Colab the setup cell pip-installs the course from the address in moe_lab/course/colab.py, and only it:
     naming torch or triton there would replace Colab's own CUDA builds."""
-    from moe_lab import colab
+    from moe_lab.course import colab
 
     setup = next(c.source for c in jupytext.read(py).cells if c.cell_type == "code")
     assert 'if "google.colab" in sys.modules' in setup
@@ -149,7 +149,7 @@ def test_runtime_picks_fp16_on_gpus_without_bf16(capability, name, dtype, monkey
     """Simulate the GPU: CUDA present, and the capability query answering like a T4 (7.5) or an A100."""
     import torch
 
-    from moe_lab import runtime
+    from moe_lab.core import runtime
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -157,6 +157,7 @@ def test_runtime_picks_fp16_on_gpus_without_bf16(capability, name, dtype, monkey
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: None)
     monkeypatch.delenv("MOE_LAB_DEVICE", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # this test session set it: a real GPU session has not
     assert runtime.pick_dtype(torch.device("cuda")) == getattr(torch, dtype)  # the capability is queried
     rt = runtime.setup(seed=0, mode="gpu")
     assert asked, "pick_dtype did not query the device's capability"
@@ -167,7 +168,7 @@ def test_runtime_picks_fp16_on_gpus_without_bf16(capability, name, dtype, monkey
 # ---- references in docstrings and comments point to what exists ----------------------------------
 def _code_files():
     """The package, the tests (but this file, whose docstrings quote the patterns) and the notebooks."""
-    tests = [p for p in sorted((ROOT / "tests").glob("*.py")) if p.name != Path(__file__).name]
+    tests = [p for p in sorted((ROOT / "tests").rglob("*.py")) if p.name != Path(__file__).name]
     return sorted((ROOT / "moe_lab").rglob("*.py")) + tests + PAIRS
 
 
@@ -194,3 +195,17 @@ def test_readme_sections_named_in_the_code_exist():
             if not any(section in h for h in headings):
                 missing.append(f"{path.relative_to(ROOT)}: {section!r}")
     assert not missing, f"README has no such heading: {missing}"
+
+
+def test_every_package_folder_is_installed_with_the_shipped_data():
+    """pyproject.toml lists the package's folders one by one (it also maps data/ to moe_lab/_data, which
+    `packages.find` cannot): a folder missing from the list would be missing from a wheel (Colab)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "moe_lab").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == folders | {"moe_lab._data"}
+    assert setuptools["package-dir"] == {"moe_lab._data": "data"}
+    shipped = {p.suffix for p in (ROOT / "data").rglob("*") if p.is_file()}
+    globs = setuptools["package-data"]["moe_lab._data"]
+    assert {g.rsplit(".", 1)[1] for g in globs} >= {s.lstrip(".") for s in shipped}, (shipped, globs)

@@ -7,6 +7,7 @@ from moe_lab.data.batches import (Batch, Mixture, TaskSource, TextSource, batch_
                                    course_training_task)
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER, CharTokenizer
+from moe_lab.data import corpus
 
 
 def load_corpus(name: str = "python_stdlib") -> str:
@@ -15,8 +16,6 @@ def load_corpus(name: str = "python_stdlib") -> str:
     Imported on call rather than above, so that `python -m moe_lab.data.corpus --build` runs the
     module once, without Python's warning about a module imported before it is run.
     """
-    from moe_lab.data import corpus
-
     return corpus.load_corpus(name)
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from moe_lab.data.tasks import ArithmeticTask
 from moe_lab.data.tokenizer import TOKENIZER, CharTokenizer
+from moe_lab.data.corpus import load_corpus
 
 SPLITS = ("train", "val")
 
@@ -86,7 +87,7 @@ class TaskSource:
         mask    0  0  0  0  0  0  0  1  1  1  1  1  0  0  0  0  0  1  1  1  1   0
 
     The leading newline makes every problem, the first included, follow a newline, as at
-    evaluation (moe_lab.evaluation prompts "\n23*47="). After the shift, x is ids[:-1], y is
+    evaluation (moe_lab.training.evaluation prompts "\n23*47="). After the shift, x is ids[:-1], y is
     ids[1:] and the mask is mask[1:]: it belongs to the predicted token. With
     answer_only_loss=False the loss counts on the whole problem text (never on padding).
     """
@@ -160,7 +161,7 @@ class Mixture:
 
 
 def batch_fn(mixture: Mixture, batch_size: int, seq_len: int, seed: int = 0, device="cpu"):
-    """A `split -> Batch` function for moe_lab.train.train, with its own seeded generator per split.
+    """A `split -> Batch` function for moe_lab.training.loop.train, with its own seeded generator per split.
 
     The "val" generator is separate from the "train" one, so evaluating more or less often does
     not change the training batches.
@@ -197,8 +198,6 @@ def course_mixture(task: Optional[ArithmeticTask] = None, code_weight: float = 0
     20 % code rather than 40 %: with 40 %, whether the cpu preset learned 3-digit addition within its
     steps depended on the seed and the thread count (4 seeds on one CPU: 94, 97, 18 and 4 % held-out
     exact match after 1500 steps); with 20 % every run did (README, "Figures")."""
-    from moe_lab.data.corpus import load_corpus
-
     if not 0 <= code_weight <= 1:
         raise ValueError(f"code_weight={code_weight}: expected a number in [0, 1]")
     task = task or course_training_task()

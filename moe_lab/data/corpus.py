@@ -17,6 +17,7 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
+from moe_lab.core import paths
 
 # Pure-Python modules present, and stable, in Python 3.10 - 3.13 (none of them became a package or
 # a stub in that range). Sorted, so the corpus is the same whatever order they are listed in.
@@ -31,12 +32,6 @@ SEPARATOR = "# ==== {name} ====\n"  # the line that opens each file in the corpu
 SHIPPED = {"python_stdlib": "python_stdlib.txt"}  # corpus name -> its file in data/corpus/
 CACHE_DIR = Path.home() / ".cache" / "moe_lab"  # where a corpus missing from data/ is built
 
-
-def data_dir() -> Path:
-    """The repository's data/ folder (next to the moe_lab package)."""
-    import moe_lab
-
-    return Path(moe_lab.__file__).resolve().parents[1] / "data"
 
 
 def clean(text: str) -> str:
@@ -81,7 +76,7 @@ def corpus_path(name: str = "python_stdlib") -> Path:
     """Where the corpus `name` ships: data/corpus/<file> in the repository."""
     if name not in SHIPPED:
         raise ValueError(f"corpus name={name!r}: expected one of {sorted(SHIPPED)}")
-    return data_dir() / "corpus" / SHIPPED[name]
+    return paths.data_path("corpus", SHIPPED[name])
 
 
 def load_corpus(name: str = "python_stdlib") -> str:

@@ -12,8 +12,8 @@ back with two all-to-all exchanges (GShard, Lepikhin et al. 2020; Switch Transfo
 
 From a shell, on N processes (CPU, gloo; or GPUs, NCCL):
 
-    torchrun --nproc-per-node 2 -m moe_lab.distributed --tokens 64
-    python -m moe_lab.distributed --world-size 2 --tokens 64      (uses launch instead of torchrun)
+    torchrun --nproc-per-node 2 -m moe_lab distributed --tokens 64
+    python -m moe_lab distributed --world-size 2 --tokens 64      (uses launch instead of torchrun)
 """
 from moe_lab.distributed.comm import AllToAll, CommStats, all_to_all, exchange_counts
 from moe_lab.distributed.expert_parallel import (ExpertParallelExperts, ExpertParallelMoE, experts_ep,

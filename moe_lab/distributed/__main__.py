@@ -1,7 +1,7 @@
 """Check the expert-parallel MoE layer against one process, from a shell.
 
-    torchrun --nproc-per-node 2 -m moe_lab.distributed --tokens 64
-    python -m moe_lab.distributed --world-size 4 --tokens 64 --capacity-factor 1.0
+    torchrun --nproc-per-node 2 -m moe_lab distributed --tokens 64
+    python -m moe_lab distributed --world-size 4 --tokens 64 --capacity-factor 1.0
 
 Under torchrun every process is one rank (gloo on CPUs; NCCL with --backend nccl, one GPU per
 rank); without torchrun, launch() starts --world-size local processes. Rank 0 prints the largest
@@ -28,7 +28,7 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moe_lab.distributed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m moe_lab distributed", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=64, help="tokens per rank")
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--n-experts", type=int, default=8, help="routed experts; a multiple of the world size")
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     problems = check_args(a)
     if problems:
-        print("python -m moe_lab.distributed: " + "\n  ".join(["bad arguments, nothing was started:", *problems]),
+        print("python -m moe_lab distributed: " + "\n  ".join(["bad arguments, nothing was started:", *problems]),
               file=sys.stderr)
         return 2
     tol = a.tol if a.tol is not None else (1e-10 if a.dtype == "float64" else 1e-4)

@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+import subprocess
 
 HOST = "127.0.0.1"
 
@@ -205,7 +206,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, bac
 
 
 def run_torchrun(nproc: int, *args: str, timeout: float = 300.0) -> "subprocess.CompletedProcess":
-    """`torchrun --standalone --nproc-per-node nproc -m moe_lab.distributed *args`, output captured.
+    """`torchrun --standalone --nproc-per-node nproc -m moe_lab distributed *args`, output captured.
 
     Runs `python -m torch.distributed.run` (the module behind the torchrun command) with a private
     temporary folder (TMPDIR), removed afterwards: torchrun leaves a `torchelastic_*` log folder
@@ -217,7 +218,7 @@ def run_torchrun(nproc: int, *args: str, timeout: float = 300.0) -> "subprocess.
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ValueError(f"nproc={nproc!r}: expected an integer >= 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "moe_lab.distributed", *map(str, args)]
+           "-m", "moe_lab", "distributed", *map(str, args)]
     with tempfile.TemporaryDirectory(prefix="moe_lab_torchrun_") as tmp:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TMPDIR": tmp})
 

@@ -9,7 +9,7 @@ to the parent in rank order.
 - moe_layer_runs: whole MoE layers built by the parent (weights, each rank's tokens and output
   gradients), run expert-parallel; the parent compares them with one process (notebook 09).
 - moe_layer_check: one MoE layer, expert-parallel against the single-process layer, forward and
-  backward, with the bytes each rank moved (notebook 09 and `python -m moe_lab.distributed`).
+  backward, with the bytes each rank moved (notebook 09 and `python -m moe_lab distributed`).
 - fail_on_rank, sleep_on_rank: a rank that raises, a rank that hangs (the launcher's own tests).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_lab.config import MoEConfig
+from moe_lab.core.config import MoEConfig
 from moe_lab.distributed.comm import CommStats
 from moe_lab.distributed.expert_parallel import experts_ep, to_expert_parallel
 from moe_lab.model.moe import MoELayer

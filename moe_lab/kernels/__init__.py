@@ -6,12 +6,9 @@ computations", MAPL 2019) compiles a kernel for the GPU. Without a GPU, Triton's
 same kernel on CPU tensors, program by program, with NumPy: slow, but every index, mask and dot is
 executed, so a CPU machine can check a kernel's logic. The interpreter is chosen by the environment
 variable TRITON_INTERPRET=1, which Triton reads when a `@triton.jit` function is *defined*: it must be
-set before moe_lab.kernels.intro / moe_lab.kernels.moe are imported. This module sets it when
-
-    - CUDA is not available, or MOE_LAB_DEVICE=cpu (the runtime's switch to force the CPU), or
-    - MOE_LAB_TRITON_INTERPRET=1 (to step through kernels on a GPU machine too).
-
-An explicit TRITON_INTERPRET in the environment is left as it is.
+set before moe_lab.kernels.intro / moe_lab.kernels.moe are imported. This module sets it, before
+importing Triton, when the run policy says so (moe_lab.core.runtime.triton_interpret: no GPU used,
+or MOE_LAB_TRITON_INTERPRET=1; an explicit TRITON_INTERPRET is left as it is).
 
 The interpreter's limits that matter here:
     - bfloat16 is computed incorrectly (NumPy has no bfloat16; loads and tl.dot see raw bits), so
@@ -26,18 +23,9 @@ import torch
 from torch import Tensor
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+from moe_lab.core.runtime import choose_triton_interpreter, truthy
 
-
-def _want_interpreter() -> bool:
-    if _truthy(os.environ.get("MOE_LAB_TRITON_INTERPRET")):
-        return True
-    return not torch.cuda.is_available() or os.environ.get("MOE_LAB_DEVICE", "").strip().lower() == "cpu"
-
-
-if _want_interpreter():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit below is defined
+choose_triton_interpreter()  # before Triton is imported and any @triton.jit below is defined
 
 try:
     import triton  # noqa: F401  (imported here so that a missing Triton fails with the message below)
@@ -48,7 +36,7 @@ except ImportError as err:  # macOS and Windows have no Triton wheels
         "and 'sorted' expert back-ends; notebooks 05-07 show recorded results instead of running kernels."
     ) from err
 
-INTERPRETED: bool = _truthy(os.environ.get("TRITON_INTERPRET"))
+INTERPRETED: bool = truthy(os.environ.get("TRITON_INTERPRET"))
 """True when kernels run through Triton's CPU interpreter, False when they compile for the GPU."""
 
 
@@ -68,7 +56,7 @@ if INTERPRETED and _triton_library_interpreted() is False:
     raise RuntimeError(
         "triton was imported before moe_lab.kernels while TRITON_INTERPRET was unset, so Triton's own "
         "library was built for the GPU and its CPU interpreter cannot run kernels in this process. "
-        "Restart Python (the notebook kernel) and import moe_lab.kernels, or call moe_lab.runtime.setup(), "
+        "Restart Python (the notebook kernel) and import moe_lab.kernels, or call moe_lab.core.runtime.setup(), "
         "before `import triton`; or start Python with TRITON_INTERPRET=1 in the environment."
     )
 

@@ -6,7 +6,7 @@ runs: the tile (BLOCK_M x BLOCK_N), the reduction step BLOCK_K, the program orde
 moe_gemm), the warps per program and the pipeline depth `num_stages`. `triton.autotune` times a list
 of them the first time a kernel meets a new shape: every new shape then compiles and times every
 configuration before the first result, which makes a learner wait. Like vLLM's and SGLang's fused-MoE
-kernels, the course instead ships a table per device, written ahead by `python -m moe_lab.tune`:
+kernels, the course instead ships a table per device, written ahead by `python -m moe_lab tune`:
 
     moe_lab/kernels/configs/<device>.json      e.g. nvidia-h200.json
 
@@ -45,8 +45,11 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
+from moe_lab.core.machine import slugify
+from moe_lab.core.runtime import kernel_table_override
+from moe_lab.core import paths
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = paths.data_path("kernel_tables")
 SCHEMA = 1
 
 ROW_KERNELS = ("up", "down", "swiglu_backward", "dx")
@@ -267,7 +270,7 @@ def heuristic(kernel: str, dtype, limits: DeviceLimits, rows: float = 64.0, bloc
 # The space the tuner sweeps (and that opt-in autotuning uses)
 # ----------------------------------------------------------------------------------------------
 def space(kernel: str, block_m: Optional[int] = None, size: str = "full") -> list[KernelConfig]:
-    """Configurations `python -m moe_lab.tune` times for `kernel` (16-bit inputs on a Hopper-class GPU).
+    """Configurations `python -m moe_lab tune` times for `kernel` (16-bit inputs on a Hopper-class GPU).
 
     size "full": tiles of 64 to 256 columns, reduction steps of 64 (and 128 for row blocks of at most
     32 rows, where reading the weights sets the time; 32 and 64 rows for the weight gradients), GROUP_M 1 (a row block's column tiles back to back) or 16 (16 row blocks per
@@ -369,7 +372,7 @@ def load_table(path: str) -> Optional[dict]:
     try:
         table = json.loads(p.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{p}: not valid JSON ({err}); re-run `python -m moe_lab.tune` or delete the file") from None
+        raise ValueError(f"{p}: not valid JSON ({err}); re-run `python -m moe_lab tune` or delete the file") from None
     validate_table(table, str(p))
     return table
 
@@ -377,9 +380,7 @@ def load_table(path: str) -> Optional[dict]:
 def table_for(device_name: str) -> Optional[dict]:
     """The tuned table of a device by its name (torch.cuda.get_device_name), or None. The environment
     variable MOE_LAB_KERNEL_TABLE names another file (to try a table, or a fake device's in tests)."""
-    from moe_lab.profiling import slugify
-
-    override = os.environ.get("MOE_LAB_KERNEL_TABLE", "").strip()
+    override = kernel_table_override()
     return load_table(override or str(table_path(slugify(device_name))))
 
 

@@ -9,7 +9,7 @@ Each kernel here comes the same way:
     2. the kernel, a comment on each argument;
     3. a launcher that checks its inputs, allocates the output and picks the grid;
     4. FLOP and byte counts, so notebook 05 can say how far from the hardware's limits it runs: they
-       are moe_lab.cost's (add_flops, softmax_bytes, matmul_bytes, ...), available here under the
+       are moe_lab.core.cost's (add_flops, softmax_bytes, matmul_bytes, ...), available here under the
        same names.
 
 Run on a GPU they compile; on the CPU they run through Triton's interpreter (see moe_lab.kernels),
@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_lab.cost import (add_bytes, add_flops, arithmetic_intensity, matmul_bytes,  # noqa: F401  (notebook 05's counts)
-                          matmul_flops, softmax_bytes, softmax_flops)
 from moe_lab.kernels import INTERPRETED, check_device, check_dtype_supported
 
 import triton  # noqa: E402  (after moe_lab.kernels: it decides whether kernels are interpreted)

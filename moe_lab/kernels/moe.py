@@ -31,6 +31,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from moe_lab.core.runtime import align_in_one_launch
 from moe_lab.kernels import INTERPRETED, check_device, check_dtype_supported
 from moe_lab.kernels import config_table as CT
 from moe_lab.kernels import moe_gemm
@@ -45,7 +46,7 @@ Combine = Literal["ordered", "atomic"]
 
 _last_choice: Optional[CT.Choice] = None
 
-ALIGN_IN_ONE_LAUNCH: bool = not INTERPRETED and os.environ.get("MOE_LAB_ALIGN", "auto").strip().lower() != "torch"
+ALIGN_IN_ONE_LAUNCH: bool = not INTERPRETED and align_in_one_launch()
 """On a GPU, small layouts are built by moe_align_triton (one launch) instead of moe_align's torch ops
 (about twenty launches); MOE_LAB_ALIGN=torch turns that off. Both give the same layout."""
 

@@ -28,7 +28,8 @@ from moe_lab.kernels import INTERPRETED
 import triton  # noqa: E402  (after moe_lab.kernels: it decides whether kernels are interpreted)
 import triton.language as tl  # noqa: E402
 
-from moe_lab.kernels.moe_routing import MoEAlignment, max_padded_rows  # noqa: E402
+from moe_lab.core.cost import max_padded_rows  # noqa: E402
+from moe_lab.kernels.moe_routing import MoEAlignment  # noqa: E402
 
 MAX_ASSIGNMENTS = 4096
 MAX_EXPERTS = 1023

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moe_lab.core.runtime import triton_autotune
 from moe_lab.kernels import INTERPRETED
 from moe_lab.kernels import config_table as CT
 
@@ -46,7 +47,7 @@ import triton.language as tl  # noqa: E402
 
 from moe_lab.kernels.moe_routing import MoEAlignment  # noqa: E402
 
-AUTOTUNE: bool = not INTERPRETED and os.environ.get("MOE_LAB_TRITON_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes")
+AUTOTUNE: bool = not INTERPRETED and triton_autotune()
 """Opt-in: time configurations with `triton.autotune` on each new shape instead of using the tuned
 table (MOE_LAB_TRITON_AUTOTUNE=1; notebook 07 shows what it does)."""
 

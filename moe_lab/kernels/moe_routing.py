@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_lab.cost import max_padded_rows  # noqa: F401  (the layout's size bound, defined with the cost model)
+from moe_lab.core.cost import max_padded_rows
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ experts(x (T, d), expert_idx (T, k), weights (T, k), w1, w3 (E, d, f), w2 (E, f,
     y = B.run_experts("sorted", x, expert_idx, weights, w1, w3, w2)
     B.agreement(["sorted", "triton"], x, expert_idx, weights, w1, w3, w2)   # outputs and gradients vs reference
 
-Nothing outside this module lists the back-ends' names: configs, the model, expert parallelism and
-the bench ask it.
+The names and facts (what each is, python_loop, capturable, traffic, plot marker) are data in
+moe_lab.core.backends; this module holds their code. Nothing else lists the back-ends' names:
+configs, the cost model, plots, the model, expert parallelism and the bench ask these two.
 """
 from __future__ import annotations
 
@@ -28,20 +29,23 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from moe_lab.core.backends import BACKENDS, BackendFacts
+from moe_lab.core.backends import names as backend_names
 from moe_lab.model import experts as X
 
 
 @dataclass(frozen=True)
 class ExpertBackend:
-    """One way to run the routed experts."""
+    """One way to run the routed experts: its facts (moe_lab.core.backends) and its code."""
 
-    name: str
-    about: str
+    facts: BackendFacts  # name, what it is, python_loop, capturable, traffic, marker
     load: Callable[[], Callable]  # returns experts(x, expert_idx, weights, w1, w3, w2) -> y
     why_not: Callable[[torch.device, torch.dtype], Optional[str]]  # None when it runs here, else the reason
-    is_function: bool = True  # False for 'ep': a module swapped into the layer, not a function to call
-    python_loop: bool = False  # loops over experts in Python: its time grows with E, not with the work
-    capturable: bool = False  # no host synchronisation: a call can be captured in a CUDA graph
+
+    def __getattr__(self, field: str):  # backend.name, backend.python_loop, ... read the facts
+        if field == "facts":  # not set yet (copy, pickle): no facts to read
+            raise AttributeError(field)
+        return getattr(self.facts, field)
 
 
 def _always(device, dtype) -> Optional[str]:
@@ -75,7 +79,7 @@ def _load_triton() -> Callable:
 
 def _triton_why_not(device, dtype) -> Optional[str]:
     try:
-        from moe_lab.kernels import INTERPRETED, check_dtype_supported
+        from moe_lab.kernels import INTERPRETED, check_dtype_supported  # Triton is optional; its interpreter is chosen first
 
         check_dtype_supported(x=torch.empty(0, dtype=dtype))
     except (ImportError, RuntimeError, TypeError) as err:
@@ -100,31 +104,17 @@ def _ep_why_not(device, dtype) -> Optional[str]:
     return None
 
 
-_REGISTRY: dict[str, ExpertBackend] = {}
+_CODE = {  # name: (load, why_not); every name of moe_lab.core.backends has its code here
+    "reference": (lambda: X.experts_reference, _always),
+    "sorted": (lambda: X.experts_sorted, _always),
+    "grouped_mm": (lambda: X.experts_grouped_mm, _grouped_mm_why_not),
+    "triton": (_load_triton, _triton_why_not),
+    "ep": (_load_ep, _ep_why_not),
+}
+_REGISTRY: dict[str, ExpertBackend] = {b.name: ExpertBackend(b, *_CODE[b.name]) for b in BACKENDS}
 
 
-def register(backend: ExpertBackend) -> None:
-    """Add a back-end (a name not yet taken)."""
-    if backend.name in _REGISTRY:
-        raise ValueError(f"an expert back-end named {backend.name!r} is already registered")
-    _REGISTRY[backend.name] = backend
-
-
-register(ExpertBackend("reference", "a loop over experts: the readable truth", lambda: X.experts_reference, _always,
-                       python_loop=True))
-register(ExpertBackend("sorted", "permute once, one matmul per expert", lambda: X.experts_sorted, _always,
-                       python_loop=True))
-register(ExpertBackend("grouped_mm", "the sorted layout on torch._grouped_mm", lambda: X.experts_grouped_mm,
-                       _grouped_mm_why_not))
-register(ExpertBackend("triton", "the Triton kernels of notebook 06", _load_triton, _triton_why_not, capturable=True))
-register(ExpertBackend("ep", "experts sharded over processes (notebook 09)", _load_ep, _ep_why_not, is_function=False))
-
-
-def names(functions_only: bool = True, **where) -> tuple[str, ...]:
-    """The back-ends' names: those a layer can call (default), or all of them (with 'ep'); `where`
-    keeps those whose ExpertBackend fields have the given values (e.g. python_loop=True)."""
-    return tuple(n for n, b in _REGISTRY.items() if (b.is_function or not functions_only)
-                 and all(getattr(b, k) == v for k, v in where.items()))
+names = backend_names  # the back-ends' names (moe_lab.core.backends.names)
 
 
 def get(name: str) -> ExpertBackend:

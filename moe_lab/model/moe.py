@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from moe_lab.config import MoEConfig
+from moe_lab.core.config import MoEConfig
 from moe_lab.model import expert_backends
 from moe_lab.model.layers import SwiGLU
 from moe_lab.model.router import Router, Routing, RoutingStats, routing_stats

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_lab.config import MoEConfig
+from moe_lab.core.config import MoEConfig
 
 
 def switch_aux_loss(probs: Tensor, expert_idx: Tensor, n_experts: int) -> Tensor:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_lab.config import ModelConfig
+from moe_lab.core.config import ModelConfig
 from moe_lab.model import expert_backends
 from moe_lab.model.kv_cache import KVCache, LayerCache
 from moe_lab.model.layers import CausalSelfAttention, RMSNorm, SwiGLU

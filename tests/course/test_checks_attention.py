@@ -1,0 +1,94 @@
+"""Cases for the checkers of notebook 10 (moe_lab.course.checks.attention), run by tests/course/test_checks.py's generic tests:
+the right answer passes, each plausible wrong answer fails with a message naming the mistake, a stub is
+"not implemented yet"."""
+import torch
+import torch.nn.functional as F
+
+from moe_lab.course import checks
+from moe_lab.course.checks.attention import mla_keys_values_reference
+from moe_lab.model.layers import apply_rope
+
+
+def attend_right(q, k_new, v_new, k_cache, v_cache):
+    k, v = torch.cat([k_cache, k_new], 2), torch.cat([v_cache, v_new], 2)
+    return F.scaled_dot_product_attention(q, k, v), k, v
+
+
+def attend_variant(order="append", grow=True, include_new=True, scale=None, v_from_k=False):
+    def f(q, k_new, v_new, k_cache, v_cache):
+        new_v = k_new if v_from_k else v_new
+        if not grow:
+            k, v = k_cache, v_cache
+        elif order == "prepend":
+            k, v = torch.cat([k_new, k_cache], 2), torch.cat([new_v, v_cache], 2)
+        else:
+            k, v = torch.cat([k_cache, k_new], 2), torch.cat([v_cache, new_v], 2)
+        keys, vals = (k, v) if include_new else (k_cache, v_cache)
+        return F.scaled_dot_product_attention(q, keys, vals, scale=scale), k, v
+    return f
+
+
+def rope_right(x, cos, sin, n_cached):
+    T = x.shape[-2]
+    return apply_rope(x, cos[n_cached:n_cached + T], sin[n_cached:n_cached + T])
+
+
+def rope_at(offset):
+    return lambda x, cos, sin, n: apply_rope(x, cos[n + offset:n + offset + x.shape[-2]], sin[n + offset:n + offset + x.shape[-2]])
+
+
+def mla_kv_variant(norm=True, swap=False, split="right", transpose=True):
+    def f(x, w_dkv, norm_weight, w_uk, w_uv, n_heads, eps=1e-5):
+        B, T, _ = x.shape
+        c = x @ w_dkv
+        if norm:
+            c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps) * norm_weight
+        a, b = (w_uv, w_uk) if swap else (w_uk, w_uv)
+        if split == "wrong":
+            k = (c @ a).view(B, T, -1, n_heads).permute(0, 3, 1, 2)
+            v = (c @ b).view(B, T, -1, n_heads).permute(0, 3, 1, 2)
+        else:
+            k, v = (c @ a).view(B, T, n_heads, -1), (c @ b).view(B, T, n_heads, -1)
+            if transpose:
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return c, k, v
+    return f
+
+
+def absorb_right(q, w_uk):
+    H, hd = q.shape[1], q.shape[3]
+    return torch.einsum("bhtd,chd->bhtc", q, w_uk.view(w_uk.shape[0], H, hd))
+
+
+CASES = {
+    "check_cache_append": (attend_right, [
+        (attend_variant(grow=False), "did not grow"),
+        (attend_variant(order="prepend"), "before the cached ones"),
+        (attend_variant(include_new=False), "only to the cached tokens"),
+        (attend_variant(scale=1.0), "not scaled"),
+        (attend_variant(v_from_k=True), "value cache received the new key"),
+        (lambda *a: attend_right(*a)[:2], "return 3 values"),
+    ]),
+    "check_rope_offset": (rope_right, [
+        (lambda x, cos, sin, n: apply_rope(x, cos[:x.shape[-2]], sin[:x.shape[-2]]), "as if they came first"),
+        (rope_at(1), "off by one"),
+        (rope_at(-1), "off by one"),
+        (lambda x, cos, sin, n: apply_rope(x, cos[n:n + 1], sin[n:n + 1]), "every new token got position"),
+    ]),
+    "check_mla_kv": (mla_keys_values_reference, [
+        (mla_kv_variant(norm=False), "not normalised"),
+        (mla_kv_variant(swap=True), "swapped"),
+        (mla_kv_variant(split="wrong"), "split the wrong way"),
+        (mla_kv_variant(transpose=False), "move the heads before the positions"),
+    ]),
+    "check_absorbed_query": (absorb_right, [
+        (lambda q, w: torch.einsum("bhtd,hcd->bhtc", q, w.reshape(q.shape[1], w.shape[0], q.shape[3])), "mixes the heads"),
+        (lambda q, w: absorb_right(q, w).sum(1), "summed away"),
+        (lambda q, w: q.repeat(1, 1, 1, q.shape[1]), "latent space"),
+        (lambda q, w: absorb_right(q, w) * 2, "wrong at index"),
+    ]),
+}
+
+
+def test_the_attention_checkers_are_exported():
+    assert {"check_cache_append", "check_rope_offset", "check_mla_kv", "check_absorbed_query"} <= set(checks.__all__)
