@@ -15,8 +15,7 @@ import torch
 
 from moe_lab.core.config import MoEConfig
 from moe_lab.model.router import Router, expert_capacity
-from moe_lab.course.tiling import matmul_tiling, plot_matmul_tiles
-from moe_lab.course.tiling import grouped_gemm_tiling, plot_moe_padding, random_expert_counts
+from moe_lab.course import tiling
 from moe_lab.training.grpo import ADVANTAGES, advantages_by_correct_count
 
 # A label wider than ipywidgets' default description width (about 10 characters) is cut with "…";
@@ -104,8 +103,8 @@ def tiling_explorer():
     import matplotlib.pyplot as plt
 
     def show(M, N, K, block_m, block_n, block_k, dtype, num_stages):
-        t = matmul_tiling(M, N, K, block_m, block_n, block_k, dtype=dtype, num_stages=num_stages)
-        plot_matmul_tiles(t)
+        t = tiling.matmul_tiling(M, N, K, block_m, block_n, block_k, dtype=dtype, num_stages=num_stages)
+        tiling.plot_matmul_tiles(t)
         plt.show()
         print(t.summary())
 
@@ -132,9 +131,9 @@ def moe_padding_explorer(d: int = 1024, f: int = 512):
 
     def show(n_tokens, n_experts, top_k, skew, block_m):
         top_k = min(top_k, n_experts)
-        counts = random_expert_counts(n_tokens, n_experts, top_k, skew=skew)
-        g = grouped_gemm_tiling(counts, block_m, k=d, n=f, block_n=128)
-        plot_moe_padding(g)
+        counts = tiling.random_expert_counts(n_tokens, n_experts, top_k, skew=skew)
+        g = tiling.grouped_gemm_tiling(counts, block_m, k=d, n=f, block_n=128)
+        tiling.plot_moe_padding(g)
         plt.show()
         print(g.summary())
 

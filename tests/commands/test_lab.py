@@ -136,7 +136,7 @@ def test_kernels_get_the_passive_wait_policy_unless_told_otherwise():
     ("import torch; import moe_lab", "", True),  # too late: torch's OpenMP already chose to spin
 ])
 def test_import_moe_lab_sets_the_policy_while_it_still_counts(first, expected_policy, note):
-    code = (f"{first}; import os; from moe_lab import runtime; "
+    code = (f"{first}; import os; from moe_lab.core import runtime; "
             "print(repr(os.environ.get('OMP_WAIT_POLICY', ''))); print(runtime.omp_note() is not None)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)

@@ -231,7 +231,7 @@ def test_gpu_suite_refuses_without_cuda(tmp_path, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert gpu_suite.main(["--out", str(tmp_path / "x"), "--only", "bench", "--dry-run"]) == 0
-    assert "moe_lab.studies.bench --record" in capsys.readouterr().out
+    assert "-m moe_lab bench --record" in capsys.readouterr().out
 
 
 def test_gpu_suite_step_runner_logs_and_enforces_its_limit(tmp_path):
