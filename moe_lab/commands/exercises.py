@@ -36,8 +36,8 @@ from typing import Optional
 import jupytext
 import nbformat
 
-from moe_lab.course import colab
 from moe_lab.core import paths
+from moe_lab.course import colab
 
 ROOT = paths.repository() or paths.PACKAGE.parent  # a repository command: it works on a clone
 NOTEBOOKS = ROOT / "notebooks"

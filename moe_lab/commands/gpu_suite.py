@@ -35,10 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Optional
-from moe_lab.core import machine
+
+from moe_lab.core import machine, paths
 from moe_lab.model.experts import experts_reference
-from moe_lab.studies import profiling
-from moe_lab.core import paths
 
 ROOT = paths.repository() or paths.PACKAGE.parent  # a repository command: it works on a clone
 STEPS = ("smoke", "tune", "tests", "notebooks", "bench")
@@ -141,7 +140,8 @@ def smoke() -> int:
     import torch
 
     from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-    from moe_lab.kernels.moe import experts_triton, moe_align, moe_align_triton  # Triton is optional; its interpreter is chosen first
+    from moe_lab.kernels.moe import (experts_triton, moe_align,  # Triton is optional; its interpreter is chosen first
+                                     moe_align_triton)
 
     failures = []
     t0 = time.perf_counter()

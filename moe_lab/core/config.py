@@ -24,6 +24,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Optional
+
 from moe_lab.core.backends import names as backend_names
 from moe_lab.core.runtime import detect_mode
 

@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+
 import moe_lab
 
 MODES = ("gpu", "cpu", "ci")

@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from moe_lab.studies.profiling import ridge_point, roofline
-from moe_lab.studies.profiling import ok_results, record_label
+
 from moe_lab.core import backends
+from moe_lab.studies.profiling import ok_results, record_label, ridge_point, roofline
 
 
 def _axes(ax, figsize=(6, 3.5)):

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from moe_lab.core.config import MoEConfig
-from moe_lab.model.router import Router, expert_capacity
 from moe_lab.course import tiling
+from moe_lab.model.router import Router, expert_capacity
 from moe_lab.training.grpo import ADVANTAGES, advantages_by_correct_count
 
 # A label wider than ipywidgets' default description width (about 10 characters) is cut with "…";

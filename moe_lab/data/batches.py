@@ -25,9 +25,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from moe_lab.data.corpus import load_corpus
 from moe_lab.data.tasks import ArithmeticTask
 from moe_lab.data.tokenizer import TOKENIZER, CharTokenizer
-from moe_lab.data.corpus import load_corpus
 
 SPLITS = ("train", "val")
 

@@ -17,6 +17,7 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
+
 from moe_lab.core import paths
 
 # Pure-Python modules present, and stable, in Python 3.10 - 3.13 (none of them became a package or

@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +42,6 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-import subprocess
 
 HOST = "127.0.0.1"
 

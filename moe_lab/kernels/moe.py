@@ -25,7 +25,6 @@ once: at inference h (N x f) is the only intermediate that goes through memory b
 """
 from __future__ import annotations
 
-import os
 from typing import Literal, Optional
 
 import torch
@@ -39,7 +38,7 @@ from moe_lab.kernels.moe_backward import moe_experts_backward
 from moe_lab.kernels.moe_gemm import kernel_choice, moe_combine, moe_down, moe_up, pick_block_m
 from moe_lab.kernels.moe_align_triton import MAX_ASSIGNMENTS, MAX_EXPERTS, moe_align_triton
 from moe_lab.kernels.moe_routing import MoEAlignment, moe_align, moe_align_reference
-from moe_lab.model.experts import check_expert_inputs
+from moe_lab.core.contract import check_expert_inputs
 
 Combine = Literal["ordered", "atomic"]
 
@@ -121,10 +120,7 @@ def experts_triton(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w
     choice: force every kernel's configuration (a config_table.Choice, e.g. to compare two of them);
     its block_m is the layout's.
     """
-    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
-    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-        if w.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}: x and the expert weights must share a dtype")
+    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)  # shapes, index range and one dtype for x and weights
     check_dtype_supported(x=x, weights=weights, w1=w1, w3=w3, w2=w2)
     check_device(x=x, expert_idx=expert_idx, weights=weights, w1=w1, w3=w3, w2=w2)
     if combine not in ("ordered", "atomic"):

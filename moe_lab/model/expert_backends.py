@@ -29,8 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from moe_lab.core.backends import BACKENDS, BackendFacts
-from moe_lab.core.backends import names as backend_names
+from moe_lab.core.backends import BACKENDS, BackendFacts, names as backend_names
 from moe_lab.model import experts as X
 
 
@@ -79,7 +78,8 @@ def _load_triton() -> Callable:
 
 def _triton_why_not(device, dtype) -> Optional[str]:
     try:
-        from moe_lab.kernels import INTERPRETED, check_dtype_supported  # Triton is optional; its interpreter is chosen first
+        from moe_lab.kernels import (INTERPRETED,  # Triton is optional; its interpreter is chosen first
+                                     check_dtype_supported)
 
         check_dtype_supported(x=torch.empty(0, dtype=dtype))
     except (ImportError, RuntimeError, TypeError) as err:

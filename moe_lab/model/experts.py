@@ -7,15 +7,7 @@ Every back-end computes the same function (DeepSeekMoE / Mixtral style SwiGLU ex
 
 The contract shared by all back-ends (`reference`, `sorted`, `grouped_mm` here; `triton` in
 moe_lab.kernels.moe; `ep` in moe_lab.distributed; their registry, names and dispatch in
-moe_lab.model.expert_backends):
-
-    x          (T, d)      token activations
-    expert_idx (T, k)      int64, chosen experts; -1 marks an assignment dropped by the capacity
-                           limit: it contributes nothing and costs no compute
-    weights    (T, k)      routing weights (gradients flow into them)
-    w1, w3     (E, d, f)   gate and up projections, laid out for `x @ w`
-    w2         (E, f, d)   down projection
-    returns    (T, d)      in x's dtype
+moe_lab.model.expert_backends) is written, with its check, in moe_lab.core.contract.
 
 `reference` is the readable truth: a loop over experts. `sorted` permutes the token copies once so
 that each expert's tokens are contiguous, then runs one matmul per expert on a slice: the layout the
@@ -27,35 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def check_expert_inputs(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> None:
-    """Raise a ValueError naming the argument when shapes or index ranges break the contract, and a
-    TypeError naming the weight whose dtype differs from x's."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be (tokens, d_model); got shape {tuple(x.shape)}")
-    T, d = x.shape
-    if expert_idx.shape != weights.shape or expert_idx.dim() != 2 or expert_idx.shape[0] != T:
-        raise ValueError(
-            f"expert_idx and weights must both be (tokens={T}, top_k); got {tuple(expert_idx.shape)} "
-            f"and {tuple(weights.shape)}"
-        )
-    if expert_idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"expert_idx must be an integer tensor; got {expert_idx.dtype}")
-    if w1.dim() != 3 or w1.shape[1] != d or w3.shape != w1.shape:
-        raise ValueError(f"w1 and w3 must be (n_experts, d_model={d}, d_expert); got {tuple(w1.shape)} and {tuple(w3.shape)}")
-    E, _, f = w1.shape
-    if w2.shape != (E, f, d):
-        raise ValueError(f"w2 must be (n_experts={E}, d_expert={f}, d_model={d}); got {tuple(w2.shape)}")
-    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-        if w.dtype != x.dtype:  # the same message as the triton back-end gives
-            raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}: x and the expert weights must share a dtype")
-    # The range check reads values: one device synchronisation (skipped while a CUDA graph is captured,
-    # where no synchronisation is allowed; the values were checked on the eager warm-up runs).
-    capturing = expert_idx.is_cuda and torch.cuda.is_current_stream_capturing()
-    if expert_idx.numel() and not capturing:
-        lo, hi = (int(v) for v in torch.aminmax(expert_idx))
-        if lo < -1 or hi >= E:
-            raise ValueError(f"expert_idx must lie in [-1, {E - 1}] (-1 = dropped); got values in [{lo}, {hi}]")
+from moe_lab.core.contract import check_expert_inputs
 
 
 def swiglu_expert(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:

@@ -36,17 +36,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moe_lab.core import machine
-from moe_lab.core import cost
-from moe_lab.studies import profiling as P
+from moe_lab.core import cost, machine, paths
+from moe_lab.core.config import preset
+from moe_lab.core.files import write_record
+from moe_lab.core.runtime import choose_triton_interpreter, default_device, pick_dtype
 from moe_lab.model import expert_backends as B
 from moe_lab.model.experts import experts_sorted
-from moe_lab.core.config import preset
-from moe_lab.core.runtime import pick_dtype
-from moe_lab.core.files import write_record
-from moe_lab.core.runtime import choose_triton_interpreter
-from moe_lab.core.runtime import default_device
-from moe_lab.core import paths
+from moe_lab.studies import profiling as P
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from moe_lab.core import machine
-from moe_lab.studies import profiling as P
-from moe_lab.training.checkpoint import load_checkpoint, shipped_checkpoint
+from moe_lab.core import machine, paths
 from moe_lab.core.config import preset
-from moe_lab.model import Transformer
-from moe_lab.training.evaluation import generate_completions
-from moe_lab.data import course_task
 from moe_lab.core.files import write_record
 from moe_lab.core.runtime import default_device
-from moe_lab.core import paths
+from moe_lab.data import course_task
+from moe_lab.model import Transformer
+from moe_lab.training.checkpoint import load_checkpoint, shipped_checkpoint
+from moe_lab.training.evaluation import generate_completions
 
 RECORD_DIR = paths.data_path("bench", "generate")  # beside data/bench/*.json (notebook 07's records), not among them
 

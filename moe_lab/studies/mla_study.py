@@ -23,22 +23,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from moe_lab.core import machine
-from moe_lab.core.config import ModelConfig, TrainConfig
-from moe_lab.data import batch_fn, course_mixture, course_task
-from moe_lab.training.evaluation import exact_match
-from moe_lab.model import Transformer
-from moe_lab.core.runtime import seed_everything
-from moe_lab.training.loop import train
-from moe_lab.core.config import preset
-from moe_lab.model.kv_cache import cache_bytes_per_token
-from moe_lab.data import course_mixture
-from moe_lab.studies import profiling as P
-from moe_lab.core.runtime import require_device
+from moe_lab.core import machine, paths
 from moe_lab.core.arguments import positive_int
+from moe_lab.core.config import ModelConfig, TrainConfig, preset
 from moe_lab.core.files import write_record
-from moe_lab.core.runtime import default_device
-from moe_lab.core import paths
+from moe_lab.core.runtime import default_device, require_device, seed_everything
+from moe_lab.data import batch_fn, course_mixture, course_task
+from moe_lab.model import Transformer
+from moe_lab.model.kv_cache import cache_bytes_per_token
+from moe_lab.training.evaluation import exact_match
+from moe_lab.training.loop import train
 
 RECORD_DIR = paths.data_path("records")
 

@@ -26,9 +26,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from moe_lab.core import cost, paths
 from moe_lab.core.machine import device_name
-from moe_lab.core import cost
-from moe_lab.core import paths
 
 
 # ----------------------------------------------------------------------------------------------

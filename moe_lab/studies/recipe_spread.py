@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
+from moe_lab.core import paths
 from moe_lab.core.arguments import int_list_arg
 from moe_lab.core.files import check_output_path, write_record
 from moe_lab.core.runtime import MODES
-from moe_lab.core import paths
 
 
 def recipe_spread(preset_name: str, seeds: list[int], threads: list[int], out: str, lock: Optional[str] = None) -> list[dict]:

@@ -20,12 +20,13 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from moe_lab.training import grpo
-from moe_lab.training.checkpoint import load_checkpoint, shipped_checkpoint
+
+from moe_lab.core import paths
+from moe_lab.core.arguments import int_list as _int_list
 from moe_lab.core.config import preset
 from moe_lab.data import course_task
-from moe_lab.core.arguments import int_list as _int_list
-from moe_lab.core import paths
+from moe_lab.training import grpo
+from moe_lab.training.checkpoint import load_checkpoint, shipped_checkpoint
 
 
 def run_one(mode: str, seed: int, advantage: str, steps: int | None = None) -> dict:

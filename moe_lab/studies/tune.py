@@ -28,7 +28,6 @@ after `--budget-s`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -38,16 +37,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from moe_lab.core import machine
-from moe_lab.studies.bench import make_inputs
-from moe_lab.studies.bench import LayerShape
-from moe_lab.studies.bench import SHAPES
-from moe_lab.studies import profiling as P
-from moe_lab.core.runtime import pick_dtype
+
+from moe_lab.core import machine, paths
 from moe_lab.core.files import write_record
-from moe_lab.core.runtime import choose_triton_interpreter
-from moe_lab.core.runtime import default_device
-from moe_lab.core import paths
+from moe_lab.core.runtime import choose_triton_interpreter, default_device, pick_dtype
+from moe_lab.studies.bench import SHAPES, LayerShape, make_inputs
 
 SHAPE_TOKENS = {  # bucket grid per shape: rows per expert from about 8 to 4096 (the lookup takes the nearest)
     "fine": (128, 2048, 8192, 32768),
@@ -352,9 +346,10 @@ def main(argv: Optional[list] = None) -> int:
                      "(a check of the sweep's logic; its times say nothing about a GPU)")
         choose_triton_interpreter("cpu")
 
+    from tqdm.auto import tqdm
+
     from moe_lab.kernels import INTERPRETED  # Triton is optional; its interpreter is chosen first
     from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-    from tqdm.auto import tqdm
 
     device = torch.device(dev_type)
 

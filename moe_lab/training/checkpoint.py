@@ -30,10 +30,10 @@ from typing import Optional, Union
 
 import torch
 
-from moe_lab.core.config import ModelConfig
-from moe_lab.model.transformer import Transformer
-from moe_lab.core.files import atomic_write_bytes
 from moe_lab.core import paths
+from moe_lab.core.config import ModelConfig
+from moe_lab.core.files import atomic_write_bytes
+from moe_lab.model.transformer import Transformer
 
 FORMAT = "moe-lab-checkpoint-v2"  # safetensors, config and figures in its metadata
 LEGACY_FORMAT = "moe-lab-checkpoint-v1"  # torch.save of {"format", "config", "extra", "model"}: read only

@@ -39,12 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_lab.core.config import boolean, choice, integer, number, validated
+from moe_lab.core.runtime import detect_mode
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.training.evaluation import generate_completions, solve
 from moe_lab.training.loop import optimizer_step
-from moe_lab.training.evaluation import generate_completions
-from moe_lab.core.runtime import detect_mode
-from moe_lab.training.evaluation import solve
 
 Aggregation = Literal["sequence", "token", "constant"]
 AGGREGATIONS = ("sequence", "token", "constant")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-
 from tqdm.auto import tqdm
 
 from moe_lab.core.config import TrainConfig

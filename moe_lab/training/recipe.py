@@ -37,7 +37,6 @@ from moe_lab.training.checkpoint import check_save_path, save_checkpoint
 from moe_lab.training.evaluation import exact_match
 from moe_lab.training.loop import History, evaluate, train
 
-
 SNAPSHOT_TARGET = 0.65  # the GRPO start: the first check at which this share of the check set is right
 SNAPSHOT_CHECK = 200  # problems in the check set (training split of course_task(), fixed seed)
 
@@ -174,6 +173,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

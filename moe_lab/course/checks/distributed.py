@@ -7,8 +7,7 @@ from typing import Callable
 import torch
 
 from moe_lab.course.checks.common import CheckFailed, _ok, checker
-from moe_lab.distributed.simulate import all_to_all_sim
-from moe_lab.distributed.simulate import bytes_by_hand as reference_bytes
+from moe_lab.distributed.simulate import all_to_all_sim, bytes_by_hand as reference_bytes
 
 PHASES = ("counts", "dispatch", "combine", "combine.backward", "dispatch.backward")
 

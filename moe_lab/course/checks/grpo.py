@@ -5,8 +5,8 @@ from typing import Callable
 
 import torch
 
-from moe_lab.training import grpo
 from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
+from moe_lab.training import grpo
 
 
 def _tensor(name: str, got, what: str) -> torch.Tensor:

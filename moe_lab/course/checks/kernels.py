@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
 from moe_lab.core.runtime import default_device
+from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
 
 
 def _device() -> torch.device:

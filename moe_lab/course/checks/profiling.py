@@ -6,8 +6,8 @@ import math
 from typing import Callable
 
 from moe_lab.core import cost
-from moe_lab.studies import profiling
 from moe_lab.course.checks.common import CheckFailed, _ok, checker
+from moe_lab.studies import profiling
 
 
 def _number(name: str, got, what: str) -> float:

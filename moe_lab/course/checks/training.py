@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
 from moe_lab.core.config import TrainConfig
+from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
 from moe_lab.training.loop import lr_at
 
 
