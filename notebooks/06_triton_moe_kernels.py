@@ -692,7 +692,7 @@ else:
 # and nothing in what they compute (the tests run every configuration against the reference):
 #
 # 1. **Configurations tuned ahead, per device**: tiles, GROUP_M, warps and stages come from
-#    `moe_lab/kernels/configs/<device>.json` (`python -m moe_lab tune`), looked up, not timed, at run
+#    `data/kernel_tables/<device>.json` (`python -m moe_lab tune`), looked up, not timed, at run
 #    time; `config_table.describe(last_choice())` says what ran and why.
 # 2. **Row blocks up to 128** where experts hold many rows: each weight tile in shared memory serves
 #    more rows (more FLOPs per byte), at the cost of padding where experts hold few.

@@ -390,7 +390,7 @@ else:
 # first GPU run, every GPU test that used a new shape waited about 17 s for it. So the course does
 # what vLLM and SGLang do for their fused-MoE kernels: `python -m moe_lab tune` times the whole
 # search space once per device, on the course's layer shapes and a grid of token counts, and writes
-# `moe_lab/kernels/configs/<device>.json`. At run time `config_table.choose` looks up the nearest
+# `data/kernel_tables/<device>.json`. At run time `config_table.choose` looks up the nearest
 # bucket: no timing, one compile per configuration. A GPU without a table gets a documented
 # heuristic that fits its shared memory. Here is the search space of the up-projection kernel at a
 # row block of 64, and what each candidate trades, for the fine-grained layer at 8192 tokens

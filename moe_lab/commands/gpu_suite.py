@@ -5,7 +5,7 @@ Steps, run one after another, each in its own process with its own time limit:
     smoke      a few seconds: the expert kernels compile and agree with the reference (bf16, fp32),
                the one-program layout agrees with moe_align. If this fails, nothing else is run.
     tune       (only with --with-tune) python -m moe_lab tune: re-make this GPU's configuration table
-               moe_lab/kernels/configs/<device>.json, and its timings in DIR/tune-<device>.json
+               data/kernel_tables/<device>.json, and its timings in DIR/tune-<device>.json
     tests      pytest -m gpu tests                   the tests marked `gpu` (fp16/bf16, compiled kernels)
     nb-05, nb-06, nb-07                              each notebook executed with MOE_LAB_MODE=gpu from a
                cold Triton cache (its own empty TRITON_CACHE_DIR), outputs kept in DIR/notebooks/
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from moe_lab.core import machine, paths
+from moe_lab.core.contract import max_rel_diff
 from moe_lab.model.experts import experts_reference
 
 ROOT = paths.repository() or paths.PACKAGE.parent  # a repository command: it works on a clone
@@ -119,7 +120,7 @@ def run_step(step: dict, timeout: float) -> dict:
 
 def archive(folder: Path, dest: Path) -> None:
     """Write folder as dest (.tar.gz) atomically, with the tables and records the steps wrote into the
-    repository (moe_lab/kernels/configs/*.json, data/bench/*.json) under repo/."""
+    repository (data/kernel_tables/*.json, data/bench/*.json) under repo/."""
     import tarfile
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def smoke() -> int:
             y64 = experts_reference(leaves64[0], idx, leaves64[1], *leaves64[2:])
             grads64 = torch.autograd.grad(y64, leaves64, dy.double())
             for name, a_, r_ in zip(["y", "dx", "dw", "dw1", "dw3", "dw2"], [y, *grads], [y64, *grads64]):
-                err = float((a_.double() - r_).abs().max()) / max(1.0, float(r_.abs().max()))
+                err = max_rel_diff(a_, r_, floor=1.0)
                 if not err <= tol:
                     failures.append(f"{dtype} {'forced' if choice else 'table'} {name}: relative error {err:.2e} > {tol}")
     torch.cuda.synchronize()

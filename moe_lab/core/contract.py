@@ -53,3 +53,13 @@ def check_expert_inputs(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tens
         lo, hi = (int(v) for v in torch.aminmax(expert_idx))
         if lo < -1 or hi >= E:
             raise ValueError(f"expert_idx must lie in [-1, {E - 1}] (-1 = dropped); got values in [{lo}, {hi}]")
+
+
+def max_rel_diff(a: Tensor, b: Tensor, floor: float = 1e-12) -> float:
+    """How far `a` is from the reference `b`: the largest |a - b| over the largest |b| (at least
+    `floor`), in float64; 0 for empty tensors. The one measure of agreement between back-ends (the
+    registry's agreement checks, the bench, the GPU suite)."""
+    if a.numel() == 0:
+        return 0.0
+    a, b = a.detach().double(), b.detach().double()
+    return (a - b).abs().max().item() / max(b.abs().max().item(), floor)

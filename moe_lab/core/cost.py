@@ -62,6 +62,17 @@ def itemsize(dtype) -> int:
     return DTYPE_BYTES[name]
 
 
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")  # what the Triton kernels take
+
+
+def kernel_itemsize(dtype) -> int:
+    """Bytes per element of a dtype the kernels take (a torch dtype or its name); a ValueError otherwise."""
+    name = str(dtype).replace("torch.", "")
+    if name not in KERNEL_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {list(KERNEL_DTYPES)} (the dtypes the kernels take)")
+    return DTYPE_BYTES[name]
+
+
 def arithmetic_intensity(flops: float, n_bytes: float) -> float:
     """FLOPs per byte moved. Compare it with the device's peak FLOP/s divided by its bandwidth (the
     roofline's ridge point) to see whether a kernel is bound by memory or by compute. Zero bytes has

@@ -1,5 +1,6 @@
 """The machine a figure was measured on, named the same way in every record: device name, driver,
-versions, date and command (README, "Benchmarks"), and the file-name form of a device's name."""
+versions, date and command (README, "Benchmarks"), the file-name form of a device's name, and the
+limits of the GPUs the course names."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -15,6 +16,20 @@ from typing import Optional
 import torch
 
 from moe_lab.core.runtime import default_device, triton_version
+
+# Named GPUs: the largest shared memory one program (CUDA block) may use, the "opt-in" per-block limit
+# Triton checks when it compiles a kernel (an H100 SM has 228 KiB, of which one block may take 227 KiB),
+# and the compute capability (bfloat16 from 8.0). For planning and tests without the GPU at hand; a
+# real device is asked (moe_lab.kernels.config_table.device_limits).
+KNOWN_GPUS = {
+    "T4": dict(shared_memory=64 * 1024, capability=(7, 5)),
+    "V100": dict(shared_memory=96 * 1024, capability=(7, 0)),
+    "A10": dict(shared_memory=99 * 1024, capability=(8, 6)),
+    "L4": dict(shared_memory=99 * 1024, capability=(8, 9)),
+    "A100": dict(shared_memory=163 * 1024, capability=(8, 0)),
+    "H100": dict(shared_memory=227 * 1024, capability=(9, 0)),
+    "H200": dict(shared_memory=227 * 1024, capability=(9, 0)),
+}
 
 
 def device_name(device=None) -> str:

@@ -21,16 +21,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from moe_lab.core import cost
+from moe_lab.core import cost, machine
 
-# Largest shared memory one program (CUDA block) may use, in bytes: the "opt-in" per-block limit that
-# Triton checks when it compiles a kernel. An H100 SM has 228 KiB of shared memory, of which one block
-# may take 227 KiB; an A100's has 164 KiB (163 per block); a T4's 64 KiB.
-SHARED_MEMORY_LIMITS = {
-    "H100": 227 * 1024,
-    "A100": 163 * 1024,
-    "T4": 64 * 1024,
-}
+# The GPUs the explorer compares a tile with, and the shared memory one program may use on each
+# (moe_lab.core.machine.KNOWN_GPUS).
+SHARED_MEMORY_LIMITS = {gpu: machine.KNOWN_GPUS[gpu]["shared_memory"] for gpu in ("H100", "A100", "T4")}
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -42,15 +37,6 @@ def _si(x: float, unit: str) -> str:
         if x >= factor:
             return f"{x / factor:.2f} {prefix}{unit}"
     return f"{x:.0f} {unit}"
-
-
-def dtype_bytes(dtype) -> int:
-    """Bytes per element of one of the dtypes the kernels take ("float32", "float16", "bfloat16", or the
-    torch dtype of that name): moe_lab.core.cost.itemsize, restricted to them."""
-    name = str(dtype).replace("torch.", "")
-    if name not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype={dtype!r}: expected one of ['bfloat16', 'float16', 'float32'] (the dtypes the kernels take)")
-    return cost.itemsize(name)
 
 
 def _check_size(name: str, value: int, minimum: int = 1) -> None:
@@ -171,7 +157,7 @@ def matmul_tiling(M: int, N: int, K: int, block_m: int, block_n: int, block_k: i
     for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         _check_block(name, v)
     _check_size("num_stages", num_stages)
-    size = dtype_bytes(dtype)
+    size = cost.kernel_itemsize(dtype)
     tm, tn, ks = _cdiv(M, block_m), _cdiv(N, block_n), _cdiv(K, block_k)
     a_tile, b_tile = block_m * block_k, block_k * block_n
     return MatmulTiling(
@@ -313,7 +299,7 @@ def grouped_gemm_tiling(tokens_per_expert: Sequence[int], block_m: int, k: int, 
     _check_block("block_n", block_n)
     _check_size("k", k)
     _check_size("n", n)
-    size = dtype_bytes(dtype)
+    size = cost.kernel_itemsize(dtype)
     real = sum(counts)
     A = real if n_assignments is None else n_assignments
     if A < real:

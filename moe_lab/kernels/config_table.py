@@ -6,9 +6,10 @@ runs: the tile (BLOCK_M x BLOCK_N), the reduction step BLOCK_K, the program orde
 moe_gemm), the warps per program and the pipeline depth `num_stages`. `triton.autotune` times a list
 of them the first time a kernel meets a new shape: every new shape then compiles and times every
 configuration before the first result, which makes a learner wait. Like vLLM's and SGLang's fused-MoE
-kernels, the course instead ships a table per device, written ahead by `python -m moe_lab tune`:
+kernels, the course instead reads a table per device, written ahead by `python -m moe_lab tune` on
+that device and shipped with the course (found by moe_lab.core.paths):
 
-    moe_lab/kernels/configs/<device>.json      e.g. nvidia-h200.json
+    data/kernel_tables/<device>.json      e.g. nvidia-h200.json (which tables ship: data/kernel_tables/README.md)
 
 holding, for the layer shapes of the course and a grid of token counts, the winning configuration of
 each kernel with its measured time and the runner-up. At run time `choose` looks up the nearest
@@ -45,9 +46,11 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
-from moe_lab.core.machine import slugify
-from moe_lab.core.runtime import kernel_table_override
+
 from moe_lab.core import paths
+from moe_lab.core.cost import kernel_itemsize
+from moe_lab.core.machine import KNOWN_GPUS, slugify
+from moe_lab.core.runtime import kernel_table_override
 
 CONFIG_DIR = paths.data_path("kernel_tables")
 SCHEMA = 1
@@ -64,17 +67,6 @@ KERNEL_TILES = {
     "dw13": (1, 2, 2), "dw2": (1, 1, 1),
 }
 
-# Per-block shared memory limits (the "opt-in" limit Triton checks), for devices named without a GPU
-# at hand (tests, the heuristic's documentation). A real device is asked (`device_limits`).
-KNOWN_DEVICES = {
-    "T4": dict(shared_memory=64 * 1024, capability=(7, 5)),
-    "V100": dict(shared_memory=96 * 1024, capability=(7, 0)),
-    "A10": dict(shared_memory=99 * 1024, capability=(8, 6)),
-    "L4": dict(shared_memory=99 * 1024, capability=(8, 9)),
-    "A100": dict(shared_memory=163 * 1024, capability=(8, 0)),
-    "H100": dict(shared_memory=227 * 1024, capability=(9, 0)),
-    "H200": dict(shared_memory=227 * 1024, capability=(9, 0)),
-}
 
 
 @dataclass(frozen=True)
@@ -129,14 +121,6 @@ def _check_kernel(kernel: str) -> None:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
 
 
-def _itemsize(dtype) -> int:
-    name = str(dtype).replace("torch.", "")
-    sizes = {"float32": 4, "float16": 2, "bfloat16": 2}
-    if name not in sizes:
-        raise ValueError(f"dtype={dtype!r}: the kernels take float32, float16 or bfloat16")
-    return sizes[name]
-
-
 # ----------------------------------------------------------------------------------------------
 # Shared memory
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +131,7 @@ def shared_memory_bytes(kernel: str, cfg: KernelConfig, dtype) -> int:
     larger of the two. Triton's own count can differ by a few KiB; `fits` keeps a margin."""
     _check_kernel(kernel)
     n_a, n_b, _ = KERNEL_TILES[kernel]
-    size = _itemsize(dtype)
+    size = kernel_itemsize(dtype)
     stage = (n_a * cfg.BLOCK_M * cfg.BLOCK_K + n_b * cfg.BLOCK_K * cfg.BLOCK_N) * size
     epilogue = cfg.BLOCK_M * cfg.BLOCK_N * 4
     return max(max(1, cfg.num_stages) * stage, epilogue)
@@ -181,10 +165,10 @@ class DeviceLimits:
 
 
 def known_device(name: str) -> DeviceLimits:
-    """Limits of a GPU named in KNOWN_DEVICES (for tests and for planning without the GPU)."""
-    if name not in KNOWN_DEVICES:
-        raise ValueError(f"unknown device {name!r}; known: {sorted(KNOWN_DEVICES)}")
-    return DeviceLimits(name, **KNOWN_DEVICES[name])
+    """Limits of a GPU named in KNOWN_GPUS (for tests and for planning without the GPU)."""
+    if name not in KNOWN_GPUS:
+        raise ValueError(f"unknown device {name!r}; known: {sorted(KNOWN_GPUS)}")
+    return DeviceLimits(name, **KNOWN_GPUS[name])
 
 
 @lru_cache(maxsize=None)
@@ -243,7 +227,7 @@ def heuristic(kernel: str, dtype, limits: DeviceLimits, rows: float = 64.0, bloc
        once and the expert's weight tiles stay in L2 while its row blocks pass.
     """
     _check_kernel(kernel)
-    size = _itemsize(dtype)
+    size = kernel_itemsize(dtype)
     if kernel in ROW_KERNELS:
         bm = block_m if block_m is not None else block_m_for(rows)
     else:
@@ -299,7 +283,7 @@ def space(kernel: str, block_m: Optional[int] = None, size: str = "full") -> lis
         return out
     if size != "full":
         raise ValueError(f"size={size!r}: expected 'full', 'autotune' or 'quick'")
-    limit = KNOWN_DEVICES["H100"]["shared_memory"]
+    limit = KNOWN_GPUS["H100"]["shared_memory"]
     if row:  # 128-wide steps only for small row blocks, where the weights' bytes set the time
         tiles = [(block_m, bn, bk) for bn in (64, 128, 256) for bk in ((64, 128) if block_m <= 32 else (64,))]
     else:
@@ -391,8 +375,8 @@ def _log_distance(a: float, b: float) -> float:
 def nearest_bucket(table: dict, dtype, d_model: int, d_expert: int, rows: float) -> Optional[dict]:
     """The bucket of `table` nearest to the problem: same dtype size, then nearest (d, f) on a log
     scale, then nearest rows per expert. None when no bucket has the dtype's size."""
-    size = _itemsize(dtype)
-    same = [b for b in table["buckets"] if _itemsize(b["dtype"]) == size]
+    size = kernel_itemsize(dtype)
+    same = [b for b in table["buckets"] if kernel_itemsize(b["dtype"]) == size]
     if not same:
         return None
     shape_dist = lambda b: _log_distance(b["d_model"], d_model) + _log_distance(b["d_expert"], d_expert)  # noqa: E731
@@ -428,7 +412,7 @@ def choose(dtype, d_model: int, d_expert: int, n_experts: int, top_k: int, token
     if limits is None:
         raise ValueError("choose: pass the device's limits (device_limits()) when kernels are compiled")
     notes = []
-    if table is not None and _itemsize(dtype) == 2:
+    if table is not None and kernel_itemsize(dtype) == 2:
         b = nearest_bucket(table, dtype, d_model, d_expert, rows)
         if b is not None:
             bm = block_m or b["block_m"]["training" if training else "forward"]

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from moe_lab.core.backends import BACKENDS, BackendFacts, names as backend_names
+from moe_lab.core.contract import max_rel_diff
 from moe_lab.model import experts as X
 
 
@@ -78,8 +79,7 @@ def _load_triton() -> Callable:
 
 def _triton_why_not(device, dtype) -> Optional[str]:
     try:
-        from moe_lab.kernels import (INTERPRETED,  # Triton is optional; its interpreter is chosen first
-                                     check_dtype_supported)
+        from moe_lab.kernels import INTERPRETED, check_dtype_supported  # Triton is optional: ask only here
 
         check_dtype_supported(x=torch.empty(0, dtype=dtype))
     except (ImportError, RuntimeError, TypeError) as err:
@@ -169,17 +169,13 @@ def agreement(backends: Sequence[str], x: Tensor, expert_idx: Tensor, weights: T
         grads = torch.autograd.grad((y * probe).sum(), leaves, allow_unused=True) if y.requires_grad else [None] * 5
         return y.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
 
-    def rel(a: Tensor, b: Tensor) -> float:
-        scale = b.abs().max().item() if b.numel() else 0.0
-        return (a - b).abs().max().item() / max(scale, 1e-12) if a.numel() else 0.0
-
     y_ref, g_ref = run(reference)
     rows = []
     for name in backends:
         y, g = run(name)
-        diffs = {n: rel(a.float(), b.float()) for n, a, b in zip(("x", "weights", "w1", "w3", "w2"), g, g_ref)}
+        diffs = {n: max_rel_diff(a.float(), b.float()) for n, a, b in zip(("x", "weights", "w1", "w3", "w2"), g, g_ref)}
         worst = max(diffs, key=diffs.get)
-        rows.append(dict(backend=name, output=rel(y.float(), y_ref.float()), gradient=diffs[worst], worst_gradient=worst))
+        rows.append(dict(backend=name, output=max_rel_diff(y.float(), y_ref.float()), gradient=diffs[worst], worst_gradient=worst))
     return rows
 
 
@@ -199,9 +195,6 @@ def layer_agreement(layer, x: Tensor, backends: Sequence[str], reference: str = 
         loss(y, layer).backward()
         return y.detach(), {n: p.grad.detach().clone() for n, p in layer.named_parameters() if p.grad is not None}
 
-    def rel(a: Tensor, b: Tensor) -> float:
-        return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12) if a.numel() else 0.0
-
     try:
         y_ref, g_ref = run(reference)
         rows = []
@@ -209,9 +202,9 @@ def layer_agreement(layer, x: Tensor, backends: Sequence[str], reference: str = 
             y, g = run(name)
             if set(g) != set(g_ref):
                 raise AssertionError(f"{name}: gradients reach {sorted(g)}, {reference}'s reach {sorted(g_ref)}")
-            diffs = {n: rel(g[n].float(), g_ref[n].float()) for n in g_ref}
+            diffs = {n: max_rel_diff(g[n].float(), g_ref[n].float()) for n in g_ref}
             worst = max(diffs, key=diffs.get) if diffs else None
-            rows.append(dict(backend=name, output=rel(y.float(), y_ref.float()),
+            rows.append(dict(backend=name, output=max_rel_diff(y.float(), y_ref.float()),
                              gradient=diffs[worst] if worst else 0.0, worst_parameter=worst))
     finally:
         layer.zero_grad()

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from moe_lab.core import cost, machine, paths
 from moe_lab.core.config import preset
+from moe_lab.core.contract import max_rel_diff
 from moe_lab.core.files import write_record
 from moe_lab.core.runtime import choose_triton_interpreter, default_device, pick_dtype
 from moe_lab.model import expert_backends as B
@@ -157,10 +158,6 @@ def case_model(shape: LayerShape, tokens: int, backend: str, mode: str, itemsize
     return dict(flops=fl, weight_bytes=minimal["weights"], min_bytes=minimal["total"], model_bytes=model["total"])
 
 
-def _max_rel_diff(a: Tensor, b: Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-
-
 def measure_case(shape_name: str, tokens: int, backend: str, mode: str, device, dtype: torch.dtype,
                  ceilings: Optional[P.Ceilings], inp: dict, expected: Optional[Tensor] = None,
                  warmup: int = 1, repeats: int = 5, note: str = "", graph: bool = False) -> dict:
@@ -177,7 +174,7 @@ def measure_case(shape_name: str, tokens: int, backend: str, mode: str, device, 
     try:
         fn, leaves = _case_fn(backend, mode, inp, shape)
         if expected is not None and backend != "dense" and mode == "forward":
-            err = _max_rel_diff(fn(), expected)
+            err = max_rel_diff(fn(), expected)
             if err > (1e-4 if dtype == torch.float32 else 3e-2):
                 row.update(status="error", note=f"output differs from `sorted` by {err:.1e} (relative): not timed")
                 return row

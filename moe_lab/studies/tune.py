@@ -4,7 +4,7 @@ For each layer shape of the course and a grid of token counts (a *bucket*), the 
 configuration of config_table.space() for each kernel of the expert path (moe_gemm, moe_backward)
 on real inputs, and writes
 
-    moe_lab/kernels/configs/<device>.json    the table the kernels read at run time (config_table)
+    data/kernel_tables/<device>.json    the table the kernels read at run time (config_table)
     runs/tune/<device>-timings.json          every timing, for notebook 07's pictures (--timings)
 
 A bucket records, for each row block it tried (the layout's block_m, which all row-block kernels
@@ -314,7 +314,7 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--shapes", help=f"comma list from {tuple(SHAPE_TOKENS)} (default {','.join(DEFAULT_SHAPES)})")
     ap.add_argument("--tokens", help="comma list of token counts (default: each shape's grid, SHAPE_TOKENS)")
     ap.add_argument("--space", default="full", choices=("full", "quick"), help="configurations per kernel")
-    ap.add_argument("--out", help="table to write (default moe_lab/kernels/configs/<device>.json)")
+    ap.add_argument("--out", help="table to write (default data/kernel_tables/<device>.json)")
     ap.add_argument("--timings", help="every timing as JSON (default runs/tune/<device>-timings.json)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="start no new bucket after this many seconds")
     ap.add_argument("--workers", type=int, help="processes that compile ahead (default: CPU cores - 2, at most 14; "

@@ -11,6 +11,8 @@ import json
 import math
 
 import pytest
+
+from moe_lab.core import machine
 import torch
 
 if importlib.util.find_spec("triton") is None:  # find_spec: importing triton here would come too early
@@ -61,7 +63,7 @@ def test_shared_memory_counts_every_tile_of_every_stage():
         CT.shared_memory_bytes("gemm", c, "bfloat16")
 
 
-@pytest.mark.parametrize("gpu_name", sorted(CT.KNOWN_DEVICES))
+@pytest.mark.parametrize("gpu_name", sorted(machine.KNOWN_GPUS))
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("kernel", CT.KERNELS)
 def test_the_heuristic_fits_every_known_gpu(gpu_name, dtype, kernel):
@@ -97,7 +99,7 @@ def test_the_search_space_fits_an_h100_and_keeps_the_layout_block(kernel):
         space = CT.space(kernel, bm)
         assert len(space) >= 8 and len(set(space)) == len(space)
         for c in space:
-            assert CT.fits(kernel, c, "bfloat16", CT.KNOWN_DEVICES["H100"]["shared_memory"])
+            assert CT.fits(kernel, c, "bfloat16", machine.KNOWN_GPUS["H100"]["shared_memory"])
             if bm is not None:
                 assert c.BLOCK_M == bm
         if kernel in CT.ROW_KERNELS:
