@@ -356,7 +356,7 @@ def preset(name: Optional[str] = None) -> Preset:
         name = detect_mode()
     # Calibrated on a 2-core CPU (see README): the cpu preset's MoE reaches a lower validation loss
     # per step than its dense twin and solves most held-out 3-digit additions after 2000 steps, for
-    # every seed and thread count measured (`python -m moe_lab train --spread`). The ci preset is
+    # every seed and thread count measured (`python -m moe_lab recipe-spread`). The ci preset is
     # the same model for 600 steps: the fewest after which the MoE's lead is clear (at 300 steps the
     # dense model is still ahead), so notebook 04's claim is checked in CI too.
     if name == "ci":

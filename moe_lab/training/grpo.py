@@ -91,15 +91,15 @@ class GRPOConfig:
 def grpo_preset(mode: Optional[str] = None) -> GRPOConfig:
     """The GRPO run of notebook 08 for a mode ("gpu", "cpu", "ci"; None = the mode runtime picks here).
 
-    Calibrated on a 2-core CPU from an earlier shipped checkpoint (70.4 % greedy exact match on 500
-    held-out 3-digit additions), see the README: temperature 0.7 (at 1.0 fewer samples are right and
-    learning is slower), router biases frozen during RL (the bias rule reacts to the narrow RL data
-    and moves the reference's routing under the policy), β = 0.04 as in DeepSeekMath. From today's
-    checkpoint (66.0 %) the cpu preset reached 92.0 % in 127 s on 2 cores.
+    Calibrated on a 2-core CPU (README, "Figures measured on this 2-core CPU": the figures, their
+    spread over seeds and their commands, `python -m moe_lab rl-spread`): temperature 0.7 (at 1.0
+    fewer samples are right and learning is slower), router biases frozen during RL (the bias rule
+    reacts to the narrow RL data and moves the reference's routing under the policy), β = 0.04 as in
+    DeepSeekMath.
     """
     if mode is None:
         mode = detect_mode()
-    if mode == "ci":  # 5 seeds: 66.0 % -> 82.8-85.6 % (spread 2.8 points) in 100 steps
+    if mode == "ci":  # the spread of its 5 seeds: README, `python -m moe_lab rl-spread --mode ci --seeds 0-4`
         return GRPOConfig(steps=100, eval_every=50)
     if mode == "cpu":
         return GRPOConfig(steps=500, eval_every=50)
