@@ -205,7 +205,7 @@ def execute_notebook(path: str, to: str, cell_timeout: float) -> int:
     return rc
 
 
-def main(argv: Optional[list] = None) -> int:
+def parse_args(argv: Optional[list] = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="python -m moe_lab gpu-suite", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="folder for logs, summary.json, executed notebooks and a copy of the bench record")
     ap.add_argument("--only", choices=STEPS, help="run one step")
@@ -224,14 +224,11 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--execute", help=argparse.SUPPRESS)  # a notebook step itself: the notebook
     ap.add_argument("--to", help=argparse.SUPPRESS)
     ap.add_argument("--cell-timeout", type=float, default=DEFAULT_TIMEOUT["notebook"], help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
 
-    if args.smoke:
-        return smoke()
-    if args.execute:
-        if not args.to:
-            ap.error("--execute needs --to")
-        return execute_notebook(args.execute, args.to, args.cell_timeout)
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """Every argument checked (an argparse error, exit 2, naming it); returns each step's time limit."""
     if not args.out:
         ap.error("--out DIR is required")
     if not args.budget_s > 0:
@@ -240,31 +237,28 @@ def main(argv: Optional[list] = None) -> int:
     bad = [n for n, v in timeouts.items() if not v > 0]
     if bad:
         ap.error(f"--timeout-{bad[0]} {timeouts[bad[0]]}: expected a positive number of seconds")
-    if args.only == "tune" and not args.with_tune:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"argument --out: {args.out} is a file: expected a folder for the suite's logs and results")
+    if args.only == "tune":
         args.with_tune = True
+    return timeouts
 
-    import torch
 
-    out = Path(args.out).resolve()  # steps run from the repository root
-    if not args.dry_run and not torch.cuda.is_available():
-        print("moe_lab.commands.gpu_suite needs a CUDA GPU and none is available here (torch.cuda.is_available() is False). "
-              "On a CPU run `make test`, or `python -m moe_lab bench --quick`; `--dry-run` prints the steps.",
-              file=sys.stderr)
-        return 2
+def write_summary(out: Path, summary: dict, archive_to: Optional[str]) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if archive_to:
+        archive(out, Path(archive_to))
 
-    slug = machine.slugify(machine.device_name("cuda")) if torch.cuda.is_available() else "gpu"
-    steps = plan(out, args.only, args.with_04, timeouts, slug, with_08=args.with_08, with_tune=args.with_tune)
-    if args.dry_run:
-        for s in steps:
-            print(f"[{s['name']}] (limit {s['timeout']:.0f} s, env {s['env']}) {' '.join(s['cmd'])}")
-        return 0
+
+def run_steps(steps: list, out: Path, budget_s: float, archive_to: Optional[str], command: str) -> dict:
+    """Run the steps one after another within the budget; a fatal step that fails stops the rest. The
+    summary is rewritten (and the archive with it) after every step."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = dict(machine.environment_record("cuda", "python -m moe_lab gpu-suite " + " ".join(sys.argv[1:] if argv is None else argv)),
-                   steps=[])
+    summary = dict(machine.environment_record("cuda", command), steps=[])
     t_start = time.perf_counter()
     stop = None
     for s in steps:
-        left = args.budget_s - (time.perf_counter() - t_start)
+        left = budget_s - (time.perf_counter() - t_start)
         if stop or left < 20:
             why = stop or "the suite's time budget is spent"
             summary["steps"].append(dict(name=s["name"], status=f"not run: {why}", returncode=None, seconds=0,
@@ -276,13 +270,37 @@ def main(argv: Optional[list] = None) -> int:
         summary["steps"].append(res)
         if s["fatal"] and res["status"] != "passed":
             stop = f"the {s['name']} step failed"
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        if args.archive:
-            archive(out, Path(args.archive))
+        write_summary(out, summary, archive_to)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if args.archive:
-        archive(out, Path(args.archive))
+    write_summary(out, summary, archive_to)
+    return summary
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap, args = parse_args(argv)
+    if args.smoke:
+        return smoke()
+    if args.execute:
+        if not args.to:
+            ap.error("--execute needs --to")
+        return execute_notebook(args.execute, args.to, args.cell_timeout)
+    timeouts = check_args(ap, args)
+    import torch
+
+    out = Path(args.out).resolve()  # steps run from the repository root
+    if not args.dry_run and not torch.cuda.is_available():
+        print("python -m moe_lab gpu-suite needs a CUDA GPU and none is available here (torch.cuda.is_available() is "
+              "False). On a CPU run `make test`, or `python -m moe_lab bench --quick`; `--dry-run` prints the steps.",
+              file=sys.stderr)
+        return 2
+    slug = machine.slugify(machine.device_name("cuda")) if torch.cuda.is_available() else "gpu"
+    steps = plan(out, args.only, args.with_04, timeouts, slug, with_08=args.with_08, with_tune=args.with_tune)
+    if args.dry_run:
+        for s in steps:
+            print(f"[{s['name']}] (limit {s['timeout']:.0f} s, env {s['env']}) {' '.join(s['cmd'])}")
+        return 0
+    command = "python -m moe_lab gpu-suite " + " ".join(sys.argv[1:] if argv is None else argv)
+    summary = run_steps(steps, out, args.budget_s, args.archive, command)
     failed = [s["name"] for s in summary["steps"] if s["status"] != "passed"]
     print(f"all steps passed in {summary['seconds']} s" if not failed else f"failed or not run: {failed}")
     return 1 if failed else 0

@@ -39,7 +39,7 @@ from torch import Tensor
 from moe_lab.core import cost, machine, paths
 from moe_lab.core.config import preset
 from moe_lab.core.contract import max_rel_diff
-from moe_lab.core.files import write_record
+from moe_lab.core.files import check_output_path, write_record
 from moe_lab.core.runtime import choose_triton_interpreter, default_device, pick_dtype
 from moe_lab.model import expert_backends as B
 from moe_lab.model.experts import experts_sorted
@@ -379,7 +379,8 @@ def git_commit() -> Optional[str]:
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def main(argv: Optional[list] = None) -> int:
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    """The command line; `plan` checks every argument before any work."""
     ap = argparse.ArgumentParser(prog="python -m moe_lab bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes and few token counts (CPU, CI)")
@@ -396,9 +397,28 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 with --quick on a CPU, where "
                     "threading overhead dominates small ops and a shared machine makes it erratic; else torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    # Every argument is checked before any work, and before the CPU's "this would take hours" refusal.
+
+@dataclass
+class Plan:
+    """What a bench run will do, decided (and every argument checked) before any work."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shapes: list
+    tokens: object  # a list of token counts, or {shape: list} for the full sweep
+    backends: list
+    passes: list
+    outs: list  # the JSON files to write: --out, and data/bench/<device>.json with --record
+    notes: list  # notes for the record
+    row_notes: dict  # back-end -> a note on each of its rows
+    slow_max: Optional[int]  # the most tokens the Python-loop back-ends are timed at
+    label: str  # "quick" or "full"
+    command: str
+
+
+def _check_numbers(args) -> tuple:
     shapes = _csv(args.shapes, SHAPES, "shapes") if args.shapes else None
     tokens = _csv(args.tokens, None, "tokens", int) if args.tokens else None
     if tokens is not None and any(t < 1 for t in tokens):
@@ -411,13 +431,27 @@ def main(argv: Optional[list] = None) -> int:
         raise SystemExit(f"--repeats {args.repeats}: expected a positive number")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: expected a positive number")
+    return shapes, tokens, passes, backends
+
+
+def _default_backends(on_cpu: bool, notes: list) -> list:
+    if not on_cpu:
+        return list(BACKENDS)
+    notes.append("triton: skipped on the CPU (its interpreter times Python and NumPy, not a kernel; notebook 06 "
+                 "checks its correctness). Ask for it with --backends triton.")
+    return [b for b in BACKENDS if b != "triton"]
+
+
+def plan(args: argparse.Namespace, argv: Optional[list] = None) -> Plan:
+    """Every argument checked (a SystemExit naming it) before any work, the CPU's "this would take
+    hours" refusal included, and the output files checked before anything is measured."""
+    shapes, tokens, passes, backends = _check_numbers(args)
     dev_type = args.device or default_device()
     if dev_type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here (a CPU build of torch, or no GPU visible)")
     on_cpu = dev_type == "cpu"
     choose_triton_interpreter(dev_type)  # before triton is first imported
     device = torch.device(dev_type)
-    dtype = pick_dtype(device)
     q_shapes, q_tokens = QUICK[dev_type]
     if shapes is None:
         shapes = list(q_shapes if args.quick else FULL_SHAPES)
@@ -427,62 +461,75 @@ def main(argv: Optional[list] = None) -> int:
                 else f"--shapes {','.join(large)}: these layers are")
         raise SystemExit(f"{what} for a GPU: on this CPU it would take hours. Run `python -m moe_lab bench --quick` "
                          "(small layers), or pass --allow-large-on-cpu to run it anyway.")
-    threads = args.threads if args.threads is not None else (1 if on_cpu and args.quick else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    slug = machine.slugify(machine.device_name(device))
+    outs = [Path(args.out) if args.out else paths.runs_path("bench", f"{slug}{'-quick' if args.quick else ''}.json")]
+    outs += [paths.data_path("bench", f"{slug}.json")] if args.record else []
+    for out, flag in zip(outs, ("--out", "--record")):
+        try:
+            check_output_path(out)
+        except ValueError as exc:
+            raise SystemExit(f"{flag}: {exc}") from None
     full = not args.quick and tokens is None
     if tokens is None:
         tokens = list(q_tokens) if args.quick else {s: FULL_SHAPE_TOKENS.get(s, FULL_TOKENS) for s in shapes}
     notes, row_notes = [], {}
-    if backends is None:
-        if on_cpu:
-            backends = [b for b in BACKENDS if b != "triton"]
-            notes.append("triton: skipped on the CPU (its interpreter times Python and NumPy, not a kernel; notebook 06 "
-                         "checks its correctness). Ask for it with --backends triton.")
-        else:
-            backends = list(BACKENDS)
+    backends = _default_backends(on_cpu, notes) if backends is None else backends
     if on_cpu and "triton" in backends:
         row_notes["triton"] = "Triton interpreter: times Python, not the kernel"
     slow_max = SLOW_MAX_TOKENS if full and not on_cpu else None
     if slow_max is not None and any(b in SLOW_BACKENDS for b in backends):
-        notes.append(f"reference and sorted loop over experts in Python: timed up to {slow_max} tokens (about 0.2 s "
-                     "per forward+backward of the fine-grained layer whatever the tokens), to bound the sweep's time")
-    for n in notes:
-        print("note:", n)
+        notes.append(f"reference and sorted loop over experts in Python: timed up to {slow_max} tokens, to bound the "
+                     "sweep's time (their time per call hardly changes with the tokens)")
+    command = " ".join(["python -m moe_lab bench", *(sys.argv[1:] if argv is None else argv)])
+    return Plan(device, pick_dtype(device), shapes, tokens, backends, passes, outs, notes, row_notes, slow_max,
+                "quick" if args.quick else "full", command)
 
-    slug = machine.slugify(machine.device_name(device))
-    out = Path(args.out) if args.out else paths.runs_path("bench", f"{slug}{'-quick' if args.quick else ''}.json")
-    print(f"device: {machine.device_name(device)} | dtype {str(dtype).replace('torch.', '')} | shapes {shapes} | "
-          f"tokens {tokens} | back-ends {backends}")
-    ceilings = P.measure_ceilings(device, dtype)
+
+def run_plan(p: Plan, repeats: int, budget_s: Optional[float], progress: bool) -> dict:
+    """Measure the ceilings, then every case, rewriting --out after each (a run stopped from outside,
+    such as a lent machine's limit, keeps what it measured); return the finished record."""
+    on_cpu = p.device.type == "cpu"
+    ceilings = P.measure_ceilings(p.device, p.dtype)
     print(f"measured ceilings: matmul {ceilings.peak_flops / 1e12:.3f} TFLOP/s ({ceilings.matmul_n}^3), copy "
           f"{ceilings.bandwidth / 1e9:.1f} GB/s ({ceilings.copy_bytes >> 20} MiB), ridge {ceilings.ridge:.1f} FLOP/byte")
-    command = " ".join(["python -m moe_lab bench", *(sys.argv[1:] if argv is None else argv)])
 
-    def write_partial(rows):  # a run stopped from outside (a lent machine's limit) keeps what it measured
-        partial = build_record(rows, ceilings, device, dtype, "quick" if args.quick else "full", command,
-                               notes + ["partial: written after every case; the run had not finished"])
-        write_record(partial, out, quiet=True)
+    def write_partial(rows):
+        partial = build_record(rows, ceilings, p.device, p.dtype, p.label, p.command,
+                               p.notes + ["partial: written after every case; the run had not finished"])
+        write_record(partial, p.outs[0], quiet=True)
 
-    results = run(shapes, tokens, backends, passes, device, dtype, ceilings, warmup=1 if on_cpu else 25,
-                  repeats=args.repeats, budget_s=args.budget_s, progress=not args.no_progress, notes=row_notes,
-                  slow_max_tokens=slow_max, graph_max_tokens=0 if on_cpu else 2048, on_row=write_partial)
-    record = build_record(results, ceilings, device, dtype, "quick" if args.quick else "full", command, notes)
+    results = run(p.shapes, p.tokens, p.backends, p.passes, p.device, p.dtype, ceilings, warmup=1 if on_cpu else 25,
+                  repeats=repeats, budget_s=budget_s, progress=progress, notes=p.row_notes,
+                  slow_max_tokens=p.slow_max, graph_max_tokens=0 if on_cpu else 2048, on_row=write_partial)
+    record = build_record(results, ceilings, p.device, p.dtype, p.label, p.command, p.notes)
     record["cpu_threads"] = torch.get_num_threads()
     record["commit"] = git_commit()
     if not on_cpu:
         from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
 
-        table = CT.table_for(machine.device_name(device))
+        table = CT.table_for(machine.device_name(p.device))
         record["kernel_table"] = None if table is None else dict(date=table["date"], command=table["command"],
                                                                   triton=table["triton"])
     P.validate_record(record)
-    print(P.summarize(results))
+    return record
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    p = plan(args, argv)
+    threads = args.threads if args.threads is not None else (1 if p.device.type == "cpu" and args.quick else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    for n in p.notes:
+        print("note:", n)
+    print(f"device: {machine.device_name(p.device)} | dtype {str(p.dtype).replace('torch.', '')} | shapes {p.shapes} | "
+          f"tokens {p.tokens} | back-ends {p.backends}")
+    record = run_plan(p, args.repeats, args.budget_s, progress=not args.no_progress)
+    print(P.summarize(record["results"]))
     for t in record["targets"]:
         print(f"target {t['target']} at {t['tokens']} tokens: {t['value']:.3g} -> {'met' if t['met'] else 'NOT met'}")
-    outs = [out] + ([paths.data_path("bench", f"{slug}.json")] if args.record else [])
-    write_record(record, outs)
-    return 0 if any(r["status"] == "ok" for r in results) else 1
+    write_record(record, p.outs)
+    return 0 if any(r["status"] == "ok" for r in record["results"]) else 1
 
 
 if __name__ == "__main__":

@@ -30,18 +30,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from moe_lab.core import machine, paths
-from moe_lab.core.files import write_record
+from moe_lab.core.files import check_output_path, write_record
 from moe_lab.core.runtime import choose_triton_interpreter, default_device, pick_dtype
-from moe_lab.studies.bench import SHAPES, LayerShape, make_inputs
+from moe_lab.studies.bench import SHAPES
 
 SHAPE_TOKENS = {  # bucket grid per shape: rows per expert from about 8 to 4096 (the lookup takes the nearest)
     "fine": (128, 2048, 8192, 32768),
@@ -54,219 +55,6 @@ DEFAULT_SHAPES = ("fine", "teaching", "mixtral")
 
 def _csv(text: str, conv=str) -> list:
     return [conv(v.strip()) for v in text.split(",") if v.strip()]
-
-
-def block_m_candidates(rows: float, interpreted: bool) -> list[int]:
-    """The layout's row blocks worth timing for `rows` rows per expert: the power of two at or above it
-    (within 16..128) and its neighbour, so the table can say whether less padding or bigger tiles win."""
-    from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-
-    largest = 32 if interpreted else 128
-    c = CT.block_m_for(rows, largest=largest)
-    other = c // 2 if c > 16 else min(largest, c * 2)
-    return sorted({c, other})
-
-
-# ----------------------------------------------------------------------------------------------
-# One bucket's inputs and the kernels' launches
-# ----------------------------------------------------------------------------------------------
-def make_problem(shape, tokens: int, device, dtype, seed: int = 0) -> dict:
-    """Random inputs of one bucket (moe_lab.studies.bench's routing and scales) plus a gradient dy."""
-    inp = make_inputs(shape, tokens, device, dtype, seed)
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    inp["dy"] = torch.randn(tokens, shape.d_model, generator=g, device=device, dtype=dtype)
-    return inp
-
-
-def forward_buffers(inp: dict, align) -> tuple:
-    """h, a1, a3 of a training forward over `align`: what the down and backward kernels read."""
-    from moe_lab.kernels.moe_gemm import moe_up  # Triton is optional; its interpreter is chosen first
-
-    return moe_up(inp["x"], inp["w1"], inp["w3"], align, save_preact=True, config=_fixed_up(align))
-
-
-def kernel_runner(kernel: str, inp: dict, align, cfg, buffers: Optional[tuple] = None):
-    """A function that launches `kernel` once with `cfg` over `align`; `buffers` = forward_buffers(...)
-    (made here when not given)."""
-    from moe_lab.kernels.moe_backward import moe_experts_backward  # Triton is optional; its interpreter is chosen first
-    from moe_lab.kernels.moe_gemm import moe_down, moe_up  # Triton is optional; its interpreter is chosen first
-
-    x, w1, w3, w2, idx, wts, dy = (inp[k] for k in ("x", "w1", "w3", "w2", "expert_idx", "weights", "dy"))
-    if kernel == "up":
-        return lambda: moe_up(x, w1, w3, align, save_preact=False, config=cfg)
-    h, a1, a3 = buffers if buffers is not None else forward_buffers(inp, align)
-    if kernel == "down":
-        return lambda: moe_down(h, w2, wts, idx, align, config=cfg)
-    needs = {"swiglu_backward": (False, True, False, False, False),  # dweights: the swiglu kernel alone
-             "dx": (True, False, False, False, False),
-             "dw13": (False, False, True, True, False),
-             "dw2": (False, False, False, False, True)}[kernel]
-    fixed = _fixed_backward(align)
-    return lambda: moe_experts_backward(dy, x, idx, wts, w1, w3, w2, h, a1, a3, align, needs=needs,
-                                        configs={**fixed, kernel: cfg})
-
-
-def _fixed_up(align):
-    from moe_lab.kernels import INTERPRETED  # Triton is optional; its interpreter is chosen first
-    from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-
-    return CT.KernelConfig(align.block_m, 32 if INTERPRETED else 64, 32 if INTERPRETED else 64, 1, 4, 1 if INTERPRETED else 3)
-
-
-def _fixed_backward(align) -> dict:
-    """Configurations of the kernels a backward timing runs besides the one being timed (the dx and
-    dw13 timings include the swiglu kernel that makes their inputs: the same for every candidate)."""
-    from moe_lab.kernels import INTERPRETED  # Triton is optional; its interpreter is chosen first
-    from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-
-    bn = 32 if INTERPRETED else 64
-    stages = 1 if INTERPRETED else 3
-    row = CT.KernelConfig(align.block_m, bn, bn, 1, 4, stages)
-    weight = CT.KernelConfig(32 if INTERPRETED else 64, bn, 32, 1, 4, stages)
-    return {"swiglu_backward": row, "dx": row, "dw13": weight, "dw2": weight}
-
-
-def time_ms(fn, device, budget_ms: float = 5.0, best_so_far: Optional[float] = None) -> float:
-    """Median milliseconds of fn: one warm-up launch (compiles or loads from the cache), then repeats
-    for about budget_ms; a run already 3x slower than best_so_far is not repeated."""
-    if torch.device(device).type != "cuda":
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    first = start.elapsed_time(end)
-    if best_so_far is not None and first > 3 * best_so_far:
-        return first
-    n = int(max(3, min(25, budget_ms / max(first, 1e-3))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for s, e in events:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-# ----------------------------------------------------------------------------------------------
-# Compiling ahead, in parallel
-# ----------------------------------------------------------------------------------------------
-def _compile_worker(jobs: list, shape_dims: dict, dtype_name: str, device: str) -> list:
-    """Run in a worker process: launch each (kernel, config, shape) once on small inputs, which
-    compiles it into Triton's on-disk cache. Returns the errors."""
-    import torch  # noqa: F811  (a fresh process)
-
-    choose_triton_interpreter(device)  # a fresh process: before the kernels are imported
-
-    from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-    from moe_lab.kernels.moe_routing import moe_align  # Triton is optional; its interpreter is chosen first
-
-    dtype = getattr(torch, dtype_name)
-    errors = []
-    problems = {}
-    for kernel, cfg_dict, shape_name in jobs:
-        try:
-            d, f, E, k = shape_dims[shape_name]
-            if shape_name not in problems:
-                problems[shape_name] = make_problem(LayerShape(d, f, min(E, 4), min(k, 2), ""), 64, device, dtype)
-            inp = problems[shape_name]
-            cfg = CT.KernelConfig.from_dict(cfg_dict)
-            bm = cfg.BLOCK_M if kernel in CT.ROW_KERNELS else 16
-            align = moe_align(inp["expert_idx"], inp["w1"].shape[0], bm)
-            kernel_runner(kernel, inp, align, cfg)()
-        except Exception as err:  # reported, and the timing loop will show it again
-            errors.append(f"{kernel} {cfg_dict}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return errors
-
-
-def precompile(jobs: list, shape_dims: dict, dtype, workers: int, progress: bool, device: str = "cuda") -> list:
-    """Compile every job in `workers` processes (spawned: CUDA cannot be forked). Returns the errors."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    from tqdm.auto import tqdm
-
-    if workers < 1 or not jobs:
-        return []
-    chunks = [jobs[i::workers] for i in range(workers)]
-    errors = []
-    dtype_name = str(dtype).replace("torch.", "")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_compile_worker, c, shape_dims, dtype_name, device) for c in chunks if c]
-        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="compile", disable=not progress, file=sys.stderr):
-            try:
-                errors += fut.result()
-            except Exception as err:  # a worker that died: its kernels compile in the timing loop instead
-                errors.append(f"worker failed: {type(err).__name__}: {err}")
-    return errors
-
-
-# ----------------------------------------------------------------------------------------------
-# The sweep
-# ----------------------------------------------------------------------------------------------
-def tune_bucket(shape_name: str, tokens: int, device, dtype, space_size: str, bar=None) -> tuple[dict, list]:
-    """Time every kernel's configurations for one bucket. Returns (bucket for the table, timing rows)."""
-    from moe_lab.kernels import INTERPRETED  # Triton is optional; its interpreter is chosen first
-    from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-    from moe_lab.kernels.moe_routing import moe_align  # Triton is optional; its interpreter is chosen first
-
-    shape = SHAPES[shape_name]
-    rows = CT.rows_per_expert(tokens, shape.top_k, shape.n_experts)
-    inp = make_problem(shape, tokens, device, dtype)
-    timings, per_block = [], {}
-    candidates = block_m_candidates(rows, INTERPRETED)
-    weight_results = None
-    for bm in candidates:
-        align = moe_align(inp["expert_idx"], shape.n_experts, bm)
-        buffers = forward_buffers(inp, align)
-        kernels = CT.ROW_KERNELS + (CT.WEIGHT_KERNELS if weight_results is None else ())
-        results = {}
-        for kernel in kernels:
-            best, measured = None, []
-            for cfg in CT.space(kernel, bm if kernel in CT.ROW_KERNELS else None, size=space_size):
-                if bar is not None:
-                    bar.set_postfix_str(f"{shape_name} T={tokens} bm={bm} {kernel} {cfg.short()}")
-                try:
-                    ms = time_ms(kernel_runner(kernel, inp, align, cfg, buffers), device, best_so_far=best)
-                    status = "ok"
-                except Exception as err:  # a configuration that does not compile or run here
-                    ms, status = None, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-                timings.append(dict(shape=shape_name, tokens=tokens, block_m=bm, kernel=kernel, config=cfg.meta,
-                                    ms=ms, status=status))
-                if ms is not None:
-                    measured.append((ms, cfg))
-                    best = ms if best is None else min(best, ms)
-            if not measured:
-                raise RuntimeError(f"no configuration of {kernel} ran for {shape_name} T={tokens} block_m={bm}")
-            measured.sort(key=lambda m: m[0])
-            entry = {"config": measured[0][1].meta, "ms": round(measured[0][0], 5), "candidates": len(measured)}
-            if len(measured) > 1:
-                entry["runner_up"] = {"config": measured[1][1].meta, "ms": round(measured[1][0], 5)}
-            results[kernel] = entry
-        if weight_results is None:
-            weight_results = {k: results[k] for k in CT.WEIGHT_KERNELS}
-        results.update(weight_results)
-        per_block[bm] = results
-    fwd = {bm: sum(r[k]["ms"] for k in CT.FORWARD_KERNELS) for bm, r in per_block.items()}
-    train = {bm: sum(r[k]["ms"] for k in CT.KERNELS) for bm, r in per_block.items()}
-    chosen = {"forward": min(fwd, key=fwd.get), "training": min(train, key=train.get)}
-    bucket = dict(dtype=str(dtype).replace("torch.", ""), shape=shape_name, tokens=tokens, d_model=shape.d_model,
-                  d_expert=shape.d_expert, n_experts=shape.n_experts, top_k=shape.top_k, rows_per_expert=rows,
-                  block_m=chosen, forward_ms={str(k): round(v, 5) for k, v in fwd.items()},
-                  training_ms={str(k): round(v, 5) for k, v in train.items()},
-                  kernels={str(bm): per_block[bm] for bm in sorted(set(chosen.values()))})
-    return bucket, timings
 
 
 def knob_effect(timings: list, knob: str, kernels=None) -> dict:
@@ -296,19 +84,7 @@ def knob_effect(timings: list, knob: str, kernels=None) -> dict:
     return out
 
 
-def build_table(buckets: list, device, command: str, notes: list) -> dict:
-    from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-
-    env = machine.environment_record(device, command)
-    cap = list(torch.cuda.get_device_capability(device)) if torch.device(device).type == "cuda" else None
-    table = dict(schema=CT.SCHEMA, device=env["device"], capability=cap, driver=env["driver"], cuda=env["cuda"],
-                 torch=env["torch"], triton=env["triton"], date=env["date"], command=command, notes=notes,
-                 buckets=buckets)
-    CT.validate_table(table)
-    return table
-
-
-def main(argv: Optional[list] = None) -> int:
+def parse_args(argv: Optional[list] = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="python -m moe_lab tune", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", help=f"comma list from {tuple(SHAPE_TOKENS)} (default {','.join(DEFAULT_SHAPES)})")
@@ -321,8 +97,22 @@ def main(argv: Optional[list] = None) -> int:
                     "0: compile while timing)")
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available; cpu runs the interpreter")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
 
+
+@dataclass
+class Plan:
+    """What a tuning run will do, decided (and every argument checked) before any work."""
+
+    device: torch.device
+    cases: list  # (shape, tokens) buckets in the order they are tuned
+    out: Path  # the table
+    timings: Path  # every timing
+    workers: int  # processes that compile ahead (0: compile while timing)
+
+
+def plan(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
+    """Every argument checked (an argparse error, exit 2, naming it), the output files included."""
     shapes = _csv(args.shapes) if args.shapes else list(DEFAULT_SHAPES)
     bad = [s for s in shapes if s not in SHAPE_TOKENS]
     if bad or not shapes:
@@ -340,65 +130,66 @@ def main(argv: Optional[list] = None) -> int:
     dev_type = args.device or default_device()
     if dev_type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available here (this torch is a CPU build or no GPU is visible)")
-    if dev_type == "cpu":
-        if args.space != "quick" or any(s not in ("tiny",) for s in shapes):
-            ap.error("on the CPU the kernels run through Triton's interpreter: only --space quick --shapes tiny "
-                     "(a check of the sweep's logic; its times say nothing about a GPU)")
-        choose_triton_interpreter("cpu")
-
-    from tqdm.auto import tqdm
-
-    from moe_lab.kernels import INTERPRETED  # Triton is optional; its interpreter is chosen first
-    from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
-
+    if dev_type == "cpu" and (args.space != "quick" or any(s not in ("tiny",) for s in shapes)):
+        ap.error("on the CPU the kernels run through Triton's interpreter: only --space quick --shapes tiny "
+                 "(a check of the sweep's logic; its times say nothing about a GPU)")
     device = torch.device(dev_type)
-
-    dtype = torch.float32 if INTERPRETED else pick_dtype(device)
-    name = machine.device_name(device)
-    slug = machine.slugify(name) if dev_type == "cuda" else "cpu-interpreter"
-    out = Path(args.out) if args.out else (CT.table_path(slug) if dev_type == "cuda" else paths.runs_path("tune", f"{slug}.json"))
-    timings_path = Path(args.timings) if args.timings else paths.runs_path("tune", f"{slug}-timings.json")
+    slug = machine.slugify(machine.device_name(device)) if dev_type == "cuda" else "cpu-interpreter"
+    out = Path(args.out) if args.out else (paths.data_path("kernel_tables", f"{slug}.json") if dev_type == "cuda"
+                                           else paths.runs_path("tune", f"{slug}.json"))
+    timings = Path(args.timings) if args.timings else paths.runs_path("tune", f"{slug}-timings.json")
+    for path, flag in ((out, "--out"), (timings, "--timings")):
+        try:
+            check_output_path(path)
+        except ValueError as exc:
+            ap.error(f"argument {flag}: {exc}")
     if tokens is None:  # interleaved: every shape gets its first buckets before the budget can run out
         cases = [(s, SHAPE_TOKENS[s][i]) for i in range(max(len(SHAPE_TOKENS[s]) for s in shapes)) for s in shapes
                  if i < len(SHAPE_TOKENS[s])]
     else:
         cases = [(s, t) for s in shapes for t in tokens]
-    print(f"tuning on {name} ({str(dtype).replace('torch.', '')}, space {args.space}): {len(cases)} buckets, "
-          f"budget {args.budget_s:.0f} s -> {out}", flush=True)
-    t_start = time.perf_counter()
-    notes = []
     workers = args.workers if args.workers is not None else (max(1, min(14, (os.cpu_count() or 2) - 2))
                                                              if dev_type == "cuda" else 0)
-    if workers:
-        jobs, dims = [], {}
-        for s, t in cases:
-            sh = SHAPES[s]
-            dims[s] = (sh.d_model, sh.d_expert, sh.n_experts, sh.top_k)
-            for bm in block_m_candidates(CT.rows_per_expert(t, sh.top_k, sh.n_experts), INTERPRETED):
-                for k in CT.KERNELS:
-                    for cfg in CT.space(k, bm if k in CT.ROW_KERNELS else None, size=args.space):
-                        jobs.append((k, cfg.meta, s))
-        # one shape per specialisation suffices when all widths are multiples of 16 (the compiler sees the same)
-        unique, seen = [], set()
-        for k, cfg, s in jobs:
-            key = (k, tuple(sorted(cfg.items())), all(v % 16 == 0 for v in dims[s][:2]) or s)
-            if key not in seen:
-                seen.add(key)
-                unique.append((k, cfg, s))
-        t0 = time.perf_counter()
-        errors = precompile(unique, dims, dtype, workers, not args.no_progress, dev_type)
-        msg = f"compiled {len(unique)} kernel configurations in {time.perf_counter() - t0:.0f} s with {workers} workers"
-        print(msg + (f"; {len(errors)} failed, e.g. {errors[0]}" if errors else ""), flush=True)
-        notes.append(msg)
-    command = " ".join(["python -m moe_lab tune", *(sys.argv[1:] if argv is None else argv)])
+    return Plan(device, cases, out, timings, workers)
+
+
+def compile_ahead(sweep, p: Plan, dtype: torch.dtype, space: str, progress: bool) -> str:
+    """Compile every (kernel, configuration) of the plan's buckets in worker processes; says what it did."""
+    jobs, dims = [], {}
+    for s, t in p.cases:
+        sh = SHAPES[s]
+        dims[s] = (sh.d_model, sh.d_expert, sh.n_experts, sh.top_k)
+        for bm in sweep.block_m_candidates(sweep.CT.rows_per_expert(t, sh.top_k, sh.n_experts), sweep.INTERPRETED):
+            for k in sweep.CT.KERNELS:
+                for cfg in sweep.CT.space(k, bm if k in sweep.CT.ROW_KERNELS else None, size=space):
+                    jobs.append((k, cfg.meta, s))
+    # one shape per specialisation suffices when all widths are multiples of 16 (the compiler sees the same)
+    unique, seen = [], set()
+    for k, cfg, s in jobs:
+        key = (k, tuple(sorted(cfg.items())), all(v % 16 == 0 for v in dims[s][:2]) or s)
+        if key not in seen:
+            seen.add(key)
+            unique.append((k, cfg, s))
+    t0 = time.perf_counter()
+    errors = sweep.precompile(unique, dims, dtype, p.workers, progress, p.device.type)
+    msg = f"compiled {len(unique)} kernel configurations in {time.perf_counter() - t0:.0f} s with {p.workers} workers"
+    print(msg + (f"; {len(errors)} failed, e.g. {errors[0]}" if errors else ""), flush=True)
+    return msg
+
+
+def run_plan(sweep, p: Plan, dtype: torch.dtype, space: str, budget_s: float, progress: bool, command: str) -> int:
+    """Tune bucket after bucket until the budget, rewriting the table and the timings after each (a run
+    cut short, by a time limit or a lost machine, keeps what it measured); the number of buckets done."""
+    t_start = time.perf_counter()
+    notes = [compile_ahead(sweep, p, dtype, space, progress)] if p.workers else []
     buckets, timings = [], []
-    bar = tqdm(cases, desc="tune", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(p.cases, desc="tune", disable=not progress, file=sys.stderr)
     for s, t in bar:
-        if time.perf_counter() - t_start > args.budget_s:
-            notes.append(f"time budget of {args.budget_s:.0f} s reached before {s} T={t}")
+        if time.perf_counter() - t_start > budget_s:
+            notes.append(f"time budget of {budget_s:.0f} s reached before {s} T={t}")
             continue
         t_bucket = time.perf_counter()
-        bucket, rows = tune_bucket(s, t, device, dtype, args.space, bar)
+        bucket, rows = sweep.tune_bucket(s, t, p.device, dtype, space, bar)
         buckets.append(bucket)
         timings += rows
         bm = bucket["block_m"]
@@ -406,18 +197,32 @@ def main(argv: Optional[list] = None) -> int:
         print(f"{s:9s} T={t:6d} rows/expert {bucket['rows_per_expert']:8.1f} block_m fwd {bm['forward']:3d} "
               f"train {bm['training']:3d} | up {best['up']['ms']:.4f} ms down {best['down']['ms']:.4f} ms "
               f"({time.perf_counter() - t_bucket:.0f} s)", flush=True)
-        # Written after every bucket: a run cut short (a time limit, a lost machine) keeps what it measured.
-        table = build_table(buckets, device, command, notes + [f"{len(buckets)} buckets in "
-                                                               f"{time.perf_counter() - t_start:.0f} s"])
-        write_record(table, out, quiet=True)
-        write_record(dict(device=table["device"], date=table["date"], command=command, timings=timings), timings_path, quiet=True)
-        if dev_type == "cuda":
+        table = sweep.build_table(buckets, p.device, command, notes + [f"{len(buckets)} buckets in "
+                                                                       f"{time.perf_counter() - t_start:.0f} s"])
+        write_record(table, p.out, quiet=True)
+        write_record(dict(device=table["device"], date=table["date"], command=command, timings=timings), p.timings,
+                     quiet=True)
+        if p.device.type == "cuda":
             torch.cuda.empty_cache()
-    if not buckets:
+    if buckets:
+        print(f"wrote {p.out} ({len(buckets)} buckets) and {p.timings} ({len(timings)} timings) in "
+              f"{time.perf_counter() - t_start:.0f} s")
+    return len(buckets)
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap, args = parse_args(argv)
+    p = plan(ap, args)
+    choose_triton_interpreter(p.device)  # --device cpu on a GPU machine: the interpreter, before the kernels load
+    from moe_lab.studies import kernel_sweep  # imports the Triton kernels: only now, after the choice above
+
+    dtype = torch.float32 if kernel_sweep.INTERPRETED else pick_dtype(p.device)
+    print(f"tuning on {machine.device_name(p.device)} ({str(dtype).replace('torch.', '')}, space {args.space}): "
+          f"{len(p.cases)} buckets, budget {args.budget_s:.0f} s -> {p.out}", flush=True)
+    command = " ".join(["python -m moe_lab tune", *(sys.argv[1:] if argv is None else argv)])
+    if not run_plan(kernel_sweep, p, dtype, args.space, args.budget_s, not args.no_progress, command):
         print("no bucket finished within the budget: nothing written", file=sys.stderr)
         return 1
-    print(f"wrote {out} ({len(buckets)} buckets) and {timings_path} ({len(timings)} timings) in "
-          f"{time.perf_counter() - t_start:.0f} s")
     return 0
 
 

@@ -309,9 +309,9 @@ def test_knob_effect_reads_each_knobs_best_against_the_best_overall():
 
 
 def test_a_tuning_run_cut_short_keeps_a_valid_table_of_its_finished_buckets(tmp_path, monkeypatch):
-    from moe_lab.studies import tune
+    from moe_lab.studies import kernel_sweep, tune
 
-    real, calls = tune.tune_bucket, []
+    real, calls = kernel_sweep.tune_bucket, []
 
     def second_one_dies(*args, **kwargs):
         calls.append(args[:2])
@@ -319,7 +319,7 @@ def test_a_tuning_run_cut_short_keeps_a_valid_table_of_its_finished_buckets(tmp_
             raise KeyboardInterrupt("the machine was taken back")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune, "tune_bucket", second_one_dies)
+    monkeypatch.setattr(kernel_sweep, "tune_bucket", second_one_dies)
     out = tmp_path / "table.json"
     args = ["--shapes", "tiny", "--tokens", "16,32", "--space", "quick", "--no-progress", "--out", str(out),
             "--timings", str(tmp_path / "t.json")] + ([] if CUDA else ["--device", "cpu"])
@@ -328,3 +328,16 @@ def test_a_tuning_run_cut_short_keeps_a_valid_table_of_its_finished_buckets(tmp_
     table = json.loads(out.read_text())
     CT.validate_table(table)
     assert [b["tokens"] for b in table["buckets"]] == [16]
+
+
+def test_the_tuner_checks_its_outputs_before_any_work(tmp_path, capsys):
+    """A folder or a path under a file as --out or --timings is refused before anything is compiled or timed."""
+    from moe_lab.studies import tune
+
+    (tmp_path / "file").write_text("x")
+    base = ["--device", "cpu", "--space", "quick", "--shapes", "tiny", "--tokens", "16", "--no-progress"]
+    for args, message in [(["--out", str(tmp_path)], "argument --out: "),
+                          (["--timings", str(tmp_path / "file" / "t.json")], "argument --timings: ")]:
+        with pytest.raises(SystemExit) as info:
+            tune.main(base + args)
+        assert info.value.code == 2 and message in capsys.readouterr().err
