@@ -158,6 +158,7 @@ def test_runtime_picks_fp16_on_gpus_without_bf16(capability, name, dtype, monkey
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: None)
     monkeypatch.delenv("MOE_LAB_DEVICE", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # this test session set it: a real GPU session has not
+    monkeypatch.setattr(runtime, "triton_version", lambda: "3.x")  # importing triton now would build it for a GPU
     assert runtime.pick_dtype(torch.device("cuda")) == getattr(torch, dtype)  # the capability is queried
     rt = runtime.setup(seed=0, mode="gpu")
     assert asked, "pick_dtype did not query the device's capability"

@@ -26,10 +26,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Optional
 
 from moe_lab.core.backends import names as backend_names
-from moe_lab.core.runtime import detect_mode
+from moe_lab.core.runtime import MODES, check_mode, detect_mode
 
-Mode = Literal["gpu", "cpu", "ci"]
-MODES = ("gpu", "cpu", "ci")
+Mode = Literal["gpu", "cpu", "ci"]  # the type of runtime.MODES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,8 +351,7 @@ def _moe_model(d_model: int, n_layers: int, n_heads: int, seq: int, moe: MoEConf
 
 def preset(name: Optional[str] = None) -> Preset:
     """The course's preset for a mode ("gpu", "cpu", "ci"); None = the mode runtime picks here."""
-    if name is None:
-        name = detect_mode()
+    name = check_mode(detect_mode() if name is None else name, "preset name")
     # Calibrated on a 2-core CPU (see README): the cpu preset's MoE reaches a lower validation loss
     # per step than its dense twin and solves most held-out 3-digit additions after 2000 steps, for
     # every seed and thread count measured (`python -m moe_lab recipe-spread`). The ci preset is
@@ -371,7 +369,7 @@ def preset(name: Optional[str] = None) -> Preset:
         moe = MoEConfig(n_experts=16, top_k=2, d_expert=128, n_shared=1, balance="aux_free")
         return Preset("gpu", _moe_model(256, 4, 8, 128, moe),
                       TrainConfig(steps=4000, batch_size=64, seq_len=128, lr=2e-3, warmup_steps=200, eval_every=250, eval_batches=8))
-    raise ValueError(f"preset name={name!r}: expected one of 'gpu', 'cpu', 'ci'")
+    raise AssertionError(name)  # check_mode let through a mode this function does not know
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,6 +402,5 @@ def notebook_sizes(notebook: str, mode: str) -> dict:
     notebook_sizes("05", rt.mode)["matmul"] -> (M, N, K). The models' sizes are the presets'."""
     if notebook not in NOTEBOOK_SIZES:
         raise ValueError(f"notebook={notebook!r}: expected one of {sorted(NOTEBOOK_SIZES)}")
-    if mode not in ("gpu", "cpu", "ci"):
-        raise ValueError(f"mode={mode!r}: expected 'gpu', 'cpu' or 'ci'")
+    check_mode(mode)
     return {name: per_mode[mode] for name, per_mode in NOTEBOOK_SIZES[notebook].items()}

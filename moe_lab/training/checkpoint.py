@@ -20,7 +20,6 @@ It still reads the course's earlier format, a torch `.pt` (format moe-lab-checkp
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import struct
 import sys
@@ -32,7 +31,7 @@ import torch
 
 from moe_lab.core import paths
 from moe_lab.core.config import ModelConfig
-from moe_lab.core.files import atomic_write_bytes
+from moe_lab.core.files import OutputPathError, atomic_write_bytes, check_output_path
 from moe_lab.model.transformer import Transformer
 
 FORMAT = "moe-lab-checkpoint-v2"  # safetensors, config and figures in its metadata
@@ -64,14 +63,10 @@ def check_save_path(path: Union[str, Path]) -> Path:
         hint = f" (name it {path.with_suffix(SUFFIX).name})" if path.suffix in (LEGACY_SUFFIX, ".json", ".pth", ".bin") else ""
         raise CheckpointError(path, f"expected a file name ending in {SUFFIX}{hint}: a checkpoint is one safetensors "
                                     f"file (older {LEGACY_SUFFIX} checkpoints are still read, no longer written)")
-    if path.is_dir():
-        raise CheckpointError(path, "is a folder: expected the path of a file to write")
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise CheckpointError(path, f"{parent} is a file, so no folder can be made there")
-    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(path, f"the folder {parent} is not writable")
-    return path
+    try:
+        return check_output_path(path)  # not a folder, not under a file, in a folder we may write in
+    except OutputPathError as exc:
+        raise CheckpointError(path, str(exc).removeprefix(f"{path}: ")) from None
 
 
 def _unaliased_state(model: torch.nn.Module) -> tuple[dict, dict]:

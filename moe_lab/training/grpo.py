@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_lab.core.config import boolean, choice, integer, number, validated
-from moe_lab.core.runtime import detect_mode
+from moe_lab.core.runtime import check_mode, detect_mode
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER
 from moe_lab.training.evaluation import generate_completions, solve
@@ -97,15 +97,14 @@ def grpo_preset(mode: Optional[str] = None) -> GRPOConfig:
     reacts to the narrow RL data and moves the reference's routing under the policy), β = 0.04 as in
     DeepSeekMath.
     """
-    if mode is None:
-        mode = detect_mode()
+    mode = check_mode(detect_mode() if mode is None else mode, "grpo_preset: mode")
     if mode == "ci":  # the spread of its 5 seeds: README, `python -m moe_lab rl-spread --mode ci --seeds 0-4`
         return GRPOConfig(steps=100, eval_every=50)
     if mode == "cpu":
         return GRPOConfig(steps=500, eval_every=50)
     if mode == "gpu":  # not yet measured on a GPU: larger batches of the same small model
         return GRPOConfig(steps=500, prompts_per_step=64, group_size=16, eval_every=50)
-    raise ValueError(f"grpo_preset(mode={mode!r}): expected one of 'gpu', 'cpu', 'ci'")
+    raise AssertionError(mode)  # check_mode let through a mode this function does not know
 
 
 # --------------------------------------------------------------------------------------------------
