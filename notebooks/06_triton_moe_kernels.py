@@ -610,6 +610,7 @@ for cname, mcfg in configs.items():
 # %%
 if rt.on_gpu:
     from moe_lab.studies import bench, profiling
+    from moe_lab.studies import bench_records
     from moe_lab.course import plots
     from moe_lab.core.config import preset
 
@@ -617,7 +618,7 @@ if rt.on_gpu:
     # the benchmark's own timer (do_bench) and inputs, on the gpu preset's layer ("teaching")
     rows = bench.run(["teaching"], [Tg], ["reference", "sorted", "triton"], ["forward", "forward+backward"], dev,
                      rt.dtype, ceilings=None, progress=False)
-    print(profiling.summarize(rows))
+    print(bench_records.summarize(rows))
     assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows if r["status"] != "ok"]
     plots.plot_backend_times(rows)
     plt.show()

@@ -93,6 +93,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_lab.studies import bench, profiling
+
+from moe_lab.studies import bench_records
 from moe_lab.course import plots
 from moe_lab.core.config import notebook_sizes
 from moe_lab.model.experts import experts_reference, experts_sorted
@@ -283,7 +285,7 @@ live_cfg = dict(sizes["live_bench"],
                 backends=[b for b in bench.BACKENDS if rt.on_gpu or b != "triton"])  # no interpreter timings
 live = bench.run(live_cfg["shapes"], live_cfg["tokens"], live_cfg["backends"], ["forward"], dev, rt.dtype, ceil,
                  warmup=1, repeats=3, progress=False)
-print(profiling.summarize(live))
+print(bench_records.summarize(live))
 assert all(r["status"] in ("ok", "skipped") for r in live), [r["note"] for r in live if r["status"] == "error"]
 
 # %%
@@ -313,7 +315,7 @@ plt.show()
 # device and date, with the points measured live here drawn in grey on the same roofline.
 
 # %%
-records = profiling.load_bench_records("data/bench")
+records = bench_records.load_bench_records()  # the shipped data/bench, found from any folder
 if not records:
     print("No recorded GPU figures yet: data/bench/ holds no *.json file.\n"
           "To make one, on a machine with a CUDA GPU, from the repository root:\n"
@@ -321,7 +323,7 @@ if not records:
           "    python -m moe_lab gpu-suite --out runs/gpu --only bench  # the same, with logs and a time limit\n"
           "then commit data/bench/<device>.json. This notebook will plot it here, labelled with its device and date.")
 for rec in records:
-    print(f"{profiling.record_label(rec)} | driver {rec['driver']} | torch {rec['torch']} | triton {rec['triton']}\n"
+    print(f"{bench_records.record_label(rec)} | driver {rec['driver']} | torch {rec['torch']} | triton {rec['triton']}\n"
           f"  command: {rec['command']}")
     plots.plot_bench_record(rec, live_rows=[r for r in live if r["tokens"] == big], live_ceilings=ceil)
     plt.show()
@@ -546,7 +548,7 @@ def gap_table(rows, label):
 
 gap_table(live, f"live, {ceil.device}:")
 for rec in records:
-    gap_table([r for r in rec["results"] if r["tokens"] in (128, 8192, 32768)], "\n" + profiling.record_label(rec) + ":")
+    gap_table([r for r in rec["results"] if r["tokens"] in (128, 8192, 32768)], "\n" + bench_records.record_label(rec) + ":")
 
 # %% [markdown]
 # Why each back-end falls short of the ceiling, from the counts above:
@@ -587,13 +589,13 @@ for device_name, recs in by_device.items():
     fig, axes_b = plt.subplots(1, 2, figsize=(13, 3.8))
     for ax_b, mode in zip(axes_b, ("forward", "forward+backward")):
         for i, rec in enumerate(recs):
-            pts = sorted((r["tokens"], r["tflops"]) for r in profiling.ok_results(rec, shape="fine", backend="triton",
+            pts = sorted((r["tokens"], r["tflops"]) for r in bench_records.ok_results(rec, shape="fine", backend="triton",
                                                                                   **{"pass": mode}))
             if pts:
                 ax_b.plot(*zip(*pts), marker="o", ms=3, label=f"triton, commit {rec.get('commit') or rec['date'][:10]}",
                           color=plots.backend_color("triton"), alpha=0.35 + 0.65 * i / (len(recs) - 1))
         for other in ("grouped_mm", "dense"):
-            pts = sorted((r["tokens"], r["tflops"]) for r in profiling.ok_results(recs[-1], shape="fine", backend=other,
+            pts = sorted((r["tokens"], r["tflops"]) for r in bench_records.ok_results(recs[-1], shape="fine", backend=other,
                                                                                   **{"pass": mode}))
             if pts:
                 ax_b.plot(*zip(*pts), ls="--", color=plots.backend_color(other), label=f"{other} (newest run)")

@@ -44,6 +44,7 @@ from moe_lab.core.runtime import choose_triton_interpreter, default_device, pick
 from moe_lab.model import expert_backends as B
 from moe_lab.model.experts import experts_sorted
 from moe_lab.studies import profiling as P
+from moe_lab.studies import bench_records
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def case_model(shape: LayerShape, tokens: int, backend: str, mode: str, itemsize
 def measure_case(shape_name: str, tokens: int, backend: str, mode: str, device, dtype: torch.dtype,
                  ceilings: Optional[P.Ceilings], inp: dict, expected: Optional[Tensor] = None,
                  warmup: int = 1, repeats: int = 5, note: str = "", graph: bool = False) -> dict:
-    """Time one (shape, tokens, back-end, pass) and return its result row (see profiling.RESULT_KEYS).
+    """Time one (shape, tokens, back-end, pass) and return its result row (see bench_records.RESULT_KEYS).
     graph: on a GPU, forward only, also time the call captured in a CUDA graph (`graph_ms`, None when
     the back-end cannot be captured: it synchronises with the host)."""
     shape = SHAPES[shape_name]
@@ -510,7 +511,7 @@ def run_plan(p: Plan, repeats: int, budget_s: Optional[float], progress: bool) -
         table = CT.table_for(machine.device_name(p.device))
         record["kernel_table"] = None if table is None else dict(date=table["date"], command=table["command"],
                                                                   triton=table["triton"])
-    P.validate_record(record)
+    bench_records.validate_record(record)
     return record
 
 
@@ -525,7 +526,7 @@ def main(argv: Optional[list] = None) -> int:
     print(f"device: {machine.device_name(p.device)} | dtype {str(p.dtype).replace('torch.', '')} | shapes {p.shapes} | "
           f"tokens {p.tokens} | back-ends {p.backends}")
     record = run_plan(p, args.repeats, args.budget_s, progress=not args.no_progress)
-    print(P.summarize(record["results"]))
+    print(bench_records.summarize(record["results"]))
     for t in record["targets"]:
         print(f"target {t['target']} at {t['tokens']} tokens: {t['value']:.3g} -> {'met' if t['met'] else 'NOT met'}")
     write_record(record, p.outs)

@@ -48,8 +48,7 @@ def test_matmul_counts_by_hand():
 @pytest.mark.parametrize("M,N,K,bm,bn", [(1823, 781, 517, 128, 128), (127, 95, 131, 32, 32), (1, 4096, 4096, 64, 64),
                                           (4096, 4096, 4096, 128, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matmul_bytes_and_grid_match_the_kernels_module(M, N, K, bm, bn, dtype):
-    intro = pytest.importorskip("moe_lab.kernels.intro", reason="moe_lab.kernels needs Triton (Linux)")
+def test_matmul_bytes_and_grid_match_the_cost_model(M, N, K, bm, bn, dtype):
     t = matmul_tiling(M, N, K, bm, bn, 32, dtype=dtype)
     assert t.bytes_moved == cost.matmul_bytes(M, N, K, dtype, block_m=bm, block_n=bn)
     assert t.ideal_bytes == cost.matmul_bytes(M, N, K, dtype)

@@ -17,6 +17,7 @@ import torch
 from moe_lab.core import cost
 from moe_lab.studies import bench
 from moe_lab.studies import profiling as P
+from moe_lab.studies import bench_records
 from moe_lab.model import expert_backends as B
 from moe_lab.model.experts import experts_reference
 
@@ -69,7 +70,7 @@ def test_measure_case_returns_a_complete_row(backend):
         row = bench.measure_case("tiny", 16, backend, mode, "cpu", torch.float32, ceil, inp, expected,
                                  warmup=0, repeats=1)
         assert row["status"] == "ok", row["note"]
-        assert all(k in row for k in P.RESULT_KEYS)
+        assert all(k in row for k in bench_records.RESULT_KEYS)
         assert row["tflops"] == pytest.approx(row["flops"] / row["ms"] / 1e9)
         assert row["gbps"] == pytest.approx(row["min_bytes"] / row["ms"] / 1e6)
         assert 0 < row["frac_roofline"] and row["roofline_tflops"] <= 0.1 + 1e-12
@@ -161,7 +162,7 @@ def test_bench_quick_runs_as_a_command_and_writes_a_valid_record(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rec = json.loads(out.read_text())
-    P.validate_record(rec)
+    bench_records.validate_record(rec)
     assert rec["command"].startswith("python -m moe_lab bench --quick")
     assert rec["mode"] == "quick" and rec["ceilings"]["peak_flops"] > 0 and rec["ceilings"]["bandwidth"] > 0
     backends = {r["backend"] for r in rec["results"]}
@@ -301,7 +302,7 @@ def test_the_bench_writes_a_partial_record_after_every_case(tmp_path, monkeypatc
                        "--passes", "forward", "--out", str(out), "--no-progress"]) == 0
     assert seen == [1], "after the first case, the file held it"
     rec = json.loads(out.read_text())
-    P.validate_record(rec)
+    bench_records.validate_record(rec)
     assert not any("partial" in n for n in rec["notes"]) and len(rec["results"]) == 2
 
 

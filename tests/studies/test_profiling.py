@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from moe_lab.core import machine
 from moe_lab.course import plots  # noqa: E402
 from moe_lab.studies import profiling as P  # noqa: E402
+from moe_lab.studies import bench_records
 from moe_lab.model.experts import experts_reference, experts_sorted  # noqa: E402
 from moe_lab.core import cost
 
@@ -227,37 +228,37 @@ def synthetic_record(device="Synthetic GPU (test only)", date="2030-01-02T03:04:
 
 
 def test_validate_record_names_what_is_wrong():
-    P.validate_record(synthetic_record())
+    bench_records.validate_record(synthetic_record())
     bad = synthetic_record()
     del bad["driver"]
     with pytest.raises(ValueError, match="driver"):
-        P.validate_record(bad)
+        bench_records.validate_record(bad)
     with pytest.raises(ValueError, match="date='yesterday'"):
-        P.validate_record(dict(synthetic_record(), date="yesterday"))
+        bench_records.validate_record(dict(synthetic_record(), date="yesterday"))
     broken = synthetic_record()
     broken["results"][0]["ms"] = 0
     with pytest.raises(ValueError, match="results\\[0\\].*ms=0"):
-        P.validate_record(broken)
+        bench_records.validate_record(broken)
 
 
 def test_load_bench_records_from_a_directory(tmp_path):
-    assert P.load_bench_records(tmp_path) == []  # no recorded file: an empty list, not an error
+    assert bench_records.load_bench_records(tmp_path) == []  # no recorded file: an empty list, not an error
     (tmp_path / "b.json").write_text(json.dumps(synthetic_record("B device")))
     (tmp_path / "a.json").write_text(json.dumps(synthetic_record("A device")))
-    recs = P.load_bench_records(tmp_path)
+    recs = bench_records.load_bench_records(tmp_path)
     assert [r["device"] for r in recs] == ["A device", "B device"]
     assert recs[0]["file"].endswith("a.json")
-    assert P.record_label(recs[0]) == "recorded on A device, 2030-01-02"
-    assert len(P.ok_results(recs[0], backend="triton", **{"pass": "forward"})) == 3
+    assert bench_records.record_label(recs[0]) == "recorded on A device, 2030-01-02"
+    assert len(bench_records.ok_results(recs[0], backend="triton", **{"pass": "forward"})) == 3
     (tmp_path / "c.json").write_text(json.dumps({"device": "x"}))
     with pytest.raises(ValueError, match="c.json"):
-        P.load_bench_records(tmp_path)
+        bench_records.load_bench_records(tmp_path)
 
 
 def test_recorded_figures_plot_with_their_device_and_date(tmp_path):
     """The path notebook 07 takes on a CPU when a recorded file exists, on a synthetic file."""
     (tmp_path / "gpu.json").write_text(json.dumps(synthetic_record()))
-    (rec,) = P.load_bench_records(tmp_path)
+    (rec,) = bench_records.load_bench_records(tmp_path)
     ax = plots.plot_bench_tokens(rec, "fine", "forward")
     assert "recorded on Synthetic GPU (test only), 2030-01-02" in ax.get_title()
     assert ax.get_xlabel() == "tokens" and ax.get_ylabel() == "TFLOP/s" and ax.get_yscale() == "log"
@@ -265,15 +266,15 @@ def test_recorded_figures_plot_with_their_device_and_date(tmp_path):
     with pytest.raises(ValueError, match="shape='mixtral'"):
         plots.plot_bench_tokens(rec, "mixtral")
     pts = [dict(label=r["backend"], intensity=r["intensity"], flops=r["tflops"] * 1e12)
-           for r in P.ok_results(rec, **{"pass": "forward"})]
+           for r in bench_records.ok_results(rec, **{"pass": "forward"})]
     ax2 = plots.plot_roofline(rec["ceilings"]["peak_flops"], rec["ceilings"]["bandwidth"], pts,
-                              roof_label=P.record_label(rec))
+                              roof_label=bench_records.record_label(rec))
     assert ax2.get_xscale() == "log" and ax2.get_yscale() == "log"
     assert "arithmetic intensity" in ax2.get_xlabel() and "TFLOP/s" in ax2.get_ylabel()
     assert len(ax2.collections) == len(pts)
     ys = ax2.lines[0].get_ydata()
     assert ys.max() == pytest.approx(800.0)  # the roof flattens at the peak, in TFLOP/s
-    live = [dict(r, shape="tiny", tokens=64) for r in P.ok_results(rec, tokens=128, **{"pass": "forward"})]
+    live = [dict(r, shape="tiny", tokens=64) for r in bench_records.ok_results(rec, tokens=128, **{"pass": "forward"})]
     fig = plots.plot_bench_record(rec, live_rows=live, live_ceilings=P.Ceilings(1e11, 1e10, 64, 1, "float32", "CPU: test"))
     ax_fwd, ax_fb, ax_roof = fig.axes[:3]
     assert "recorded on Synthetic GPU (test only), 2030-01-02" in ax_fwd.get_title() and "forward+backward" in ax_fb.get_title()
