@@ -124,10 +124,9 @@ checks.check_matmul_flops(matmul_flops)  # the same as moe_lab.core.cost.matmul_
 
 # %%
 from moe_lab.core.config import notebook_sizes
-
-sizes = notebook_sizes("00", rt.mode)["matmul_n"]  # matrix sizes for this mode
 from moe_lab.studies import profiling
 
+sizes = notebook_sizes("00", rt.mode)["matmul_n"]  # matrix sizes for this mode
 tflops = [profiling.measure_matmul_tflops(rt.device, rt.dtype, n) for n in sizes]  # the timer of notebook 07
 for n, t in zip(sizes, tflops):
     print(f"n={n:5d}: {t * 1000:9.1f} GFLOP/s")

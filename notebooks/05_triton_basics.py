@@ -39,7 +39,6 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab.core import cost
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -68,6 +67,7 @@ import triton
 import triton.language as tl
 
 from moe_lab.core.config import notebook_sizes
+from moe_lab.core import cost  # the course's FLOP and byte counts (moe_lab.core.cost)
 from moe_lab.kernels import INTERPRETED, intro  # intro: the canonical kernels of this notebook
 
 dev = rt.device  # where kernel inputs live: 'cuda' (compiled) or 'cpu' (interpreter)

@@ -44,7 +44,6 @@
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
-from moe_lab.core import cost
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -92,11 +91,10 @@ checks.check_moe_flops(moe_flops)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_lab.studies import bench, profiling
-
-from moe_lab.studies import bench_records
-from moe_lab.course import plots
+from moe_lab.core import cost
 from moe_lab.core.config import notebook_sizes
+from moe_lab.course import plots
+from moe_lab.studies import bench, bench_records, profiling
 from moe_lab.model.experts import experts_reference, experts_sorted
 
 T, d, f, E, k = 37, 16, 24, 6, 2
