@@ -43,6 +43,7 @@ from moe_lab.model import expert_backends as B
 from moe_lab.model.experts import experts_sorted
 from moe_lab.core.config import preset
 from moe_lab.core.runtime import pick_dtype
+from moe_lab.core.arguments import check_outputs
 from moe_lab.core.files import write_record
 from moe_lab.core.runtime import choose_triton_interpreter
 from moe_lab.core.runtime import default_device
@@ -459,6 +460,7 @@ def main(argv: Optional[list] = None) -> int:
 
     slug = machine.slugify(machine.device_name(device))
     out = Path(args.out) if args.out else paths.runs_path("bench", f"{slug}{'-quick' if args.quick else ''}.json")
+    check_outputs(ap, {"--out": out, "--record": paths.data_path("bench", f"{slug}.json") if args.record else None})
     print(f"device: {machine.device_name(device)} | dtype {str(dtype).replace('torch.', '')} | shapes {shapes} | "
           f"tokens {tokens} | back-ends {backends}")
     ceilings = P.measure_ceilings(device, dtype)

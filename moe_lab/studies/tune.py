@@ -44,6 +44,7 @@ from moe_lab.studies.bench import LayerShape
 from moe_lab.studies.bench import SHAPES
 from moe_lab.studies import profiling as P
 from moe_lab.core.runtime import pick_dtype
+from moe_lab.core.arguments import check_outputs
 from moe_lab.core.files import write_record
 from moe_lab.core.runtime import choose_triton_interpreter
 from moe_lab.core.runtime import default_device
@@ -363,6 +364,7 @@ def main(argv: Optional[list] = None) -> int:
     slug = machine.slugify(name) if dev_type == "cuda" else "cpu-interpreter"
     out = Path(args.out) if args.out else (CT.table_path(slug) if dev_type == "cuda" else paths.runs_path("tune", f"{slug}.json"))
     timings_path = Path(args.timings) if args.timings else paths.runs_path("tune", f"{slug}-timings.json")
+    check_outputs(ap, {"--out": out, "--timings": timings_path})  # before any work: a bad path costs no run
     if tokens is None:  # interleaved: every shape gets its first buckets before the budget can run out
         cases = [(s, SHAPE_TOKENS[s][i]) for i in range(max(len(SHAPE_TOKENS[s]) for s in shapes)) for s in shapes
                  if i < len(SHAPE_TOKENS[s])]
