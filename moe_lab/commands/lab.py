@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from moe_lab.core import paths
-from moe_lab.core.arguments import check_outputs, positive_int
+from moe_lab.core.arguments import at_least_1, check_outputs
 from moe_lab.core.files import atomic_write_text
 
 ROOT = paths.repository() or paths.PACKAGE.parent  # a repository command: it works on a clone
@@ -265,8 +265,8 @@ def contention_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m moe_lab lab --contention",
                                  description="ms per training step, one and two processes, per OpenMP wait policy")
     ap.add_argument("--contention", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--steps", type=positive_int, default=20, help="timed training steps per process (>= 1)")
-    ap.add_argument("--repeats", type=positive_int, default=1, help="times the whole grid runs (>= 1)")
+    ap.add_argument("--steps", type=at_least_1, default=20, help="timed training steps per process (>= 1)")
+    ap.add_argument("--repeats", type=at_least_1, default=1, help="times the whole grid runs (>= 1)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "contention.json"), help="the JSON record")
     args = ap.parse_args(argv)
     check_outputs(ap, {"--out": args.out})
@@ -298,7 +298,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(describe(report, workspace))
     if "--prepare-only" in argv:
         return 0
-    silence_news()
+    try:
+        silence_news()
+    except (OSError, ValueError) as exc:  # a read-only environment or a broken settings file: only a prompt
+        print(f"note: could not switch JupyterLab's news prompt off ({exc}); answer it yourself", file=sys.stderr)
     return subprocess.call(lab_command(workspace, argv), env=kernel_env(), cwd=workspace)
 
 

@@ -21,6 +21,7 @@ def int_in(lo: int, hi: int, hint: str):
 
 
 positive_int = int_in(1, 2**63 - 1, "at least 1 (omit --steps for the preset's own count)")
+at_least_1 = int_in(1, 2**63 - 1, "a whole number >= 1")
 seed_int = int_in(0, 2**32 - 1, "an integer in [0, 2**32 - 1]")
 
 

@@ -17,6 +17,7 @@ import sys
 import sysconfig
 from pathlib import Path
 from moe_lab.core import paths
+from moe_lab.core.arguments import at_least_1
 from moe_lab.core.files import atomic_write_bytes, check_output_path
 
 # Pure-Python modules present, and stable, in Python 3.10 - 3.13 (none of them became a package or
@@ -97,11 +98,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moe_lab.data.corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="store_true", help="regenerate data/corpus/python_stdlib.txt")
-    parser.add_argument("--chars", type=int, default=1_000_000, help="the most characters to keep")
+    parser.add_argument("--chars", type=at_least_1, default=1_000_000, help="the most characters to keep (>= 1)")
     args = parser.parse_args(argv)
     if not args.build:
         parser.print_help()
         return
+    try:
+        check_output_path(corpus_path("python_stdlib"))
+    except ValueError as exc:
+        parser.error(f"the corpus file: {exc}")
     out = build_stdlib_corpus(corpus_path("python_stdlib"), args.chars)
     print(f"wrote {out} ({out.stat().st_size:,} characters) from Python {sys.version.split()[0]}")
 

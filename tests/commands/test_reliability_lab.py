@@ -151,3 +151,16 @@ def test_contention_benchmark_checks_its_arguments(kw, monkeypatch):
     monkeypatch.setattr(lab, "_run_children", lambda *a, **k: pytest.fail("a child started"))
     with pytest.raises(ValueError, match=r"contention_benchmark\((steps|repeats)="):
         lab.contention_benchmark(**kw)
+
+
+def test_a_news_setting_that_cannot_be_written_does_not_stop_the_lab(tmp_path, monkeypatch, capsys):
+    nbs = _course(tmp_path)
+    monkeypatch.setattr(lab, "NOTEBOOKS", nbs)
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(lab, "silence_news", read_only)
+    monkeypatch.setattr(lab.subprocess, "call", lambda *a, **k: 0)
+    assert lab.main(["--no-browser"]) == 0
+    assert "could not switch JupyterLab's news prompt off" in capsys.readouterr().err

@@ -57,3 +57,20 @@ def test_a_good_path_still_gets_the_corpus(tmp_path):
     out = corpus.build_stdlib_corpus(tmp_path / "sub" / "c.txt", 2000)
     text = out.read_text(encoding="ascii")
     assert 0 < len(text) <= 2000 and text.startswith("# ==== ") and _tmp_left(tmp_path) == []
+
+
+@pytest.mark.parametrize("chars", ["0", "-5", "x"])
+def test_the_command_names_a_bad_chars(chars, capsys, monkeypatch):
+    monkeypatch.setattr(corpus, "build_stdlib_corpus", lambda *a, **k: pytest.fail("built despite a bad --chars"))
+    with pytest.raises(SystemExit) as info:
+        corpus.main(["--build", "--chars", chars])
+    assert info.value.code == 2 and "argument --chars" in capsys.readouterr().err
+
+
+def test_the_command_checks_the_corpus_file_before_building(tmp_path, capsys, monkeypatch):
+    (tmp_path / "python_stdlib.txt").mkdir()
+    monkeypatch.setattr(corpus, "corpus_path", lambda name="python_stdlib": tmp_path / "python_stdlib.txt")
+    monkeypatch.setattr(corpus, "build_stdlib_corpus", lambda *a, **k: pytest.fail("built despite a bad path"))
+    with pytest.raises(SystemExit) as info:
+        corpus.main(["--build"])
+    assert info.value.code == 2 and "the corpus file:" in capsys.readouterr().err
