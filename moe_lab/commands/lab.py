@@ -109,7 +109,11 @@ def _rebuild_manifest(notebooks: Path, workspace: Path, manifest_path: Path, why
     """A manifest for the copies that equal today's originals (the others are your edits or older
     versions: their origin is unknown, so they are never called outdated). The unusable manifest is
     moved aside, never deleted; no working copy is touched."""
-    aside = manifest_path.with_name(f"{MANIFEST}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp, n = time.strftime('%Y%m%d-%H%M%S'), 0
+    aside = manifest_path.with_name(f"{MANIFEST}.unreadable-{stamp}")
+    while aside.exists() or aside.is_symlink():  # never over an earlier one (two in one second)
+        n += 1
+        aside = manifest_path.with_name(f"{MANIFEST}.unreadable-{stamp}-{n}")
     try:
         manifest_path.rename(aside)
     except OSError as exc:

@@ -164,3 +164,15 @@ def test_a_news_setting_that_cannot_be_written_does_not_stop_the_lab(tmp_path, m
     monkeypatch.setattr(lab.subprocess, "call", lambda *a, **k: 0)
     assert lab.main(["--no-browser"]) == 0
     assert "could not switch JupyterLab's news prompt off" in capsys.readouterr().err
+
+
+def test_two_unreadable_manifests_in_one_second_are_both_kept(tmp_path):
+    nbs = _course(tmp_path)
+    ws = nbs / "workspace"
+    lab.prepare_workspace(nbs, ws)
+    (ws / lab.MANIFEST).write_text("{")
+    lab.prepare_workspace(nbs, ws)
+    (ws / lab.MANIFEST).unlink()
+    (ws / lab.MANIFEST).mkdir()  # a folder this time: its rename must not land on the first one
+    assert "rebuilt it" in lab.prepare_workspace(nbs, ws)["manifest"]
+    assert len([p for p in ws.iterdir() if p.name.startswith(lab.MANIFEST + ".unreadable-")]) == 2

@@ -281,7 +281,7 @@ def test_lr_schedule():
 def test_accuracy_snapshot_keeps_the_weights_of_the_first_check_at_the_target(monkeypatch):
     """Checks every 25 steps, every 5 once a check reached 30 %; copies the weights at the first check
     at or above the target and never checks again; the copy is independent of later training."""
-    import moe_lab.training.evaluation
+    import moe_lab.training.recipe
     from moe_lab.training.recipe import AccuracySnapshot
 
     model = torch.nn.Linear(2, 2)
@@ -292,7 +292,7 @@ def test_accuracy_snapshot_keeps_the_weights_of_the_first_check_at_the_target(mo
         seen.append((n, split))
         return next(scripted)
 
-    monkeypatch.setattr(moe_lab.training.evaluation, "exact_match", fake_exact_match)
+    monkeypatch.setattr(moe_lab.training.recipe, "exact_match", fake_exact_match)
     snap = AccuracySnapshot(model, task=None, target=0.65)
     for step in range(200):
         with torch.no_grad():
@@ -303,7 +303,7 @@ def test_accuracy_snapshot_keeps_the_weights_of_the_first_check_at_the_target(mo
     copy = snap.model_copy()
     assert copy.weight[0, 0].item() == 84 and model.weight[0, 0].item() == 199
     never = AccuracySnapshot(model, task=None, target=0.99)
-    monkeypatch.setattr(moe_lab.training.evaluation, "exact_match", lambda *a, **k: 0.1)
+    monkeypatch.setattr(moe_lab.training.recipe, "exact_match", lambda *a, **k: 0.1)
     for step in range(100):
         never(step, None)
     with pytest.raises(RuntimeError, match="never reached 99%"):
