@@ -16,9 +16,8 @@ to choose it.
 
 When no check reaches the target (a run too short for any check: fewer than 25 steps; the ci
 preset's 600 steps, too few for the rise: seed 0 at 1 thread peaked at 0.5 % of the check set; a
-stalled run after its tries), the command keeps the
-model at the end of training instead: figures["snapshot"] says "end of training" and why, and the
-same line goes to stderr. A stall is retried with the next seed only for a full schedule of a preset
+stalled run after its tries), the command keeps the model at the end of training instead:
+figures["snapshot"] says "end of training" and why, and the same line goes to stderr. A stall is retried with the next seed only for a full schedule of a preset
 whose schedule reaches the target (cpu, gpu), where a stall is the seed's bad luck.
 """
 from __future__ import annotations
