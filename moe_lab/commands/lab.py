@@ -23,10 +23,11 @@ What `python -m moe_lab lab` (the command behind `make lab`) does, and why:
 Command line:
     python -m moe_lab lab [jupyter lab flags]      # what `make lab LAB_ARGS=...` runs
     python -m moe_lab lab --prepare-only           # make the working copies, start nothing
-    python -m moe_lab lab --contention [--steps N] [--repeats R]  # the benchmark of point 2
+    python -m moe_lab lab --contention [--steps N] [--repeats R] [--out PATH]  # the benchmark of point 2
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Optional
 
 from moe_lab.core import paths
+from moe_lab.core.arguments import at_least_1, check_outputs
+from moe_lab.core.files import atomic_write_text
 
 ROOT = paths.repository() or paths.PACKAGE.parent  # a repository command: it works on a clone
 NOTEBOOKS = ROOT / "notebooks"
@@ -44,6 +47,10 @@ WORKSPACE_NAME = "workspace"  # notebooks/workspace/: the learner's copies (igno
 MANIFEST = ".sources.json"  # in the workspace: the hash of each original when it was copied
 KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # what every kernel the course starts should have
 NEWS_OFF = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False}}
+
+
+class WorkspaceError(OSError):
+    """The workspace cannot hold the working copies: the message names the path, why, and what to do."""
 
 
 def kernel_env(env: Optional[dict] = None) -> dict:
@@ -71,33 +78,97 @@ def working_copy_text(original: Path) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
+def _check_workspace(workspace: Path) -> None:
+    """A WorkspaceError unless the workspace is (or can be made) a folder we may write in."""
+    if workspace.exists() and not workspace.is_dir():
+        raise WorkspaceError(f"the workspace {workspace} is a file, not a folder: rename or remove it (your "
+                             f"working copies live in that folder), then run make lab again")
+    parent = next((p for p in [workspace, *workspace.absolute().parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise WorkspaceError(f"the workspace {workspace} cannot be made: {parent} is a file")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise WorkspaceError(f"the workspace {workspace} is not writable ({parent} is read-only): make it writable "
+                             f"(e.g. chmod u+w {parent}) and run make lab again")
+
+
+def _read_manifest(manifest_path: Path) -> tuple[dict, Optional[str]]:
+    """(the manifest, None), or ({}, why) when it cannot be used (corrupt JSON, not a mapping of names to
+    hashes, a folder): the caller rebuilds it."""
+    if not manifest_path.exists() and not manifest_path.is_symlink():
+        return {}, None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return {}, f"{type(exc).__name__}: {exc}"
+    if not isinstance(manifest, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest.items()):
+        return {}, f"expected a JSON object of notebook names to hashes, found {type(manifest).__name__}"
+    return manifest, None
+
+
+def _rebuild_manifest(notebooks: Path, workspace: Path, manifest_path: Path, why: str) -> tuple[dict, str]:
+    """A manifest for the copies that equal today's originals (the others are your edits or older
+    versions: their origin is unknown, so they are never called outdated). The unusable manifest is
+    moved aside, never deleted; no working copy is touched."""
+    stamp, n = time.strftime('%Y%m%d-%H%M%S'), 0
+    aside = manifest_path.with_name(f"{MANIFEST}.unreadable-{stamp}")
+    while aside.exists() or aside.is_symlink():  # never over an earlier one (two in one second)
+        n += 1
+        aside = manifest_path.with_name(f"{MANIFEST}.unreadable-{stamp}-{n}")
+    try:
+        manifest_path.rename(aside)
+    except OSError as exc:
+        raise WorkspaceError(f"{manifest_path} cannot be read ({why}) nor moved aside ({exc}): move it away by hand "
+                             f"(your working copies are not in it) and run make lab again") from None
+    manifest, unknown = {}, []
+    for rel in originals(notebooks):
+        src, dst, key = notebooks / rel, workspace / rel, rel.as_posix()
+        if not dst.is_file():
+            continue
+        if dst.read_text(encoding="utf-8", errors="replace") == working_copy_text(src):
+            manifest[key] = _digest(src)
+        else:
+            unknown.append(key)
+    note = (f"{manifest_path} could not be read ({why}): moved it to {aside.name} and rebuilt it; your working "
+            f"copies are untouched. {len(manifest)} match the course's notebooks"
+            + (f"; {len(unknown)} differ (your edits, or copies of an older version: compare them with notebooks/ "
+               f"to see which): {', '.join(unknown)}" if unknown else "") + ".")
+    return manifest, note
+
+
 def prepare_workspace(notebooks: Path = NOTEBOOKS, workspace: Optional[Path] = None) -> dict:
     """Copy every tracked notebook into the workspace unless a copy exists; never overwrite one.
 
-    Returns {"copied": [...], "kept": [...], "outdated": [...]} of paths relative to the workspace;
-    "outdated" lists kept copies whose original changed since they were made."""
+    Returns {"copied": [...], "kept": [...], "outdated": [...], "manifest": note or None} of paths
+    relative to the workspace; "outdated" lists kept copies whose original changed since they were
+    made. A manifest that cannot be read (corrupt, a folder) is moved aside and rebuilt, and "manifest"
+    says so; a workspace that is a file or read-only is a WorkspaceError saying what to do."""
     notebooks = Path(notebooks)
     workspace = Path(workspace) if workspace is not None else notebooks / WORKSPACE_NAME
     if not notebooks.is_dir():
         raise FileNotFoundError(f"prepare_workspace: notebooks={notebooks} is not a folder")
-    workspace.mkdir(parents=True, exist_ok=True)
-    manifest_path = workspace / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    report = {"copied": [], "kept": [], "outdated": []}
-    for rel in originals(notebooks):
-        src, dst, key = notebooks / rel, workspace / rel, rel.as_posix()
-        if dst.exists():
-            report["kept"].append(key)
-            if key in manifest and manifest[key] != _digest(src):
-                report["outdated"].append(key)
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
-        tmp.write_text(working_copy_text(src), encoding="utf-8")
-        tmp.replace(dst)  # atomic: a copy is whole or absent
-        manifest[key] = _digest(src)
-        report["copied"].append(key)
-    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _check_workspace(workspace)
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+        manifest_path = workspace / MANIFEST
+        manifest, why = _read_manifest(manifest_path)
+        report = {"copied": [], "kept": [], "outdated": [], "manifest": None}
+        if why is not None:
+            manifest, report["manifest"] = _rebuild_manifest(notebooks, workspace, manifest_path, why)
+        for rel in originals(notebooks):
+            src, dst, key = notebooks / rel, workspace / rel, rel.as_posix()
+            if dst.exists():
+                report["kept"].append(key)
+                if key in manifest and manifest[key] != _digest(src):
+                    report["outdated"].append(key)
+                continue
+            atomic_write_text(dst, working_copy_text(src))  # a copy is whole or absent
+            manifest[key] = _digest(src)
+            report["copied"].append(key)
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    except WorkspaceError:
+        raise
+    except OSError as exc:  # a full disk, a folder where a copy should go, permissions changed meanwhile
+        raise WorkspaceError(f"the workspace {workspace} could not be prepared: {exc}") from exc
     return report
 
 
@@ -123,6 +194,8 @@ def lab_command(workspace: Path, extra_args: list[str]) -> list[str]:
 def describe(report: dict, workspace: Path) -> str:
     lines = [f"JupyterLab serves your working copies in {workspace} "
              f"({len(report['copied'])} new, {len(report['kept'])} kept as you left them)."]
+    if report.get("manifest"):
+        lines.append("  " + report["manifest"])
     for key in report["outdated"]:
         lines.append(f"  the course changed notebooks/{key} after your copy was made: delete or rename "
                      f"{workspace / key} and run make lab again to get the new version")
@@ -178,6 +251,9 @@ def contention_benchmark(steps: int = 20, policies=(None, "PASSIVE"), repeats: i
     """Median ms per training step of the cpu preset's MoE, one process alone and two at once, for
     each OpenMP wait policy (None = the library's default); the whole grid `repeats` times, so that
     a disturbance shows as disagreement between repeats."""
+    for name, value in (("steps", steps), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"contention_benchmark({name}={value!r}): expected an integer >= 1")
     rows = []
     for policy in [p for _ in range(repeats) for p in policies]:
         for n in (1, 2):
@@ -188,30 +264,48 @@ def contention_benchmark(steps: int = 20, policies=(None, "PASSIVE"), repeats: i
     return rows
 
 
+def contention_args(argv: list[str]) -> argparse.Namespace:
+    """`lab --contention`'s arguments, every one checked before any child starts (status 2 naming it)."""
+    ap = argparse.ArgumentParser(prog="python -m moe_lab lab --contention",
+                                 description="ms per training step, one and two processes, per OpenMP wait policy")
+    ap.add_argument("--contention", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=at_least_1, default=20, help="timed training steps per process (>= 1)")
+    ap.add_argument("--repeats", type=at_least_1, default=1, help="times the whole grid runs (>= 1)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "contention.json"), help="the JSON record")
+    args = ap.parse_args(argv)
+    check_outputs(ap, {"--out": args.out})
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--contention" in argv:
-        steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 20
-        repeats = int(argv[argv.index("--repeats") + 1]) if "--repeats" in argv else 1
+        args = contention_args(argv)
+        steps = args.steps
         import torch
 
-        rows = contention_benchmark(steps, repeats=repeats)
+        rows = contention_benchmark(steps, repeats=args.repeats)
         print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads per process")
         for r in rows:
             print(f"OMP_WAIT_POLICY={r['OMP_WAIT_POLICY']:<9} {r['processes']} process(es) at once: "
                   + ", ".join(f"{ms:.0f}" for ms in r["ms_per_step"]) + " ms per step")
-        out = ROOT / "runs" / "contention.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"cpus": os.cpu_count(), "torch": torch.__version__, "steps": steps, "rows": rows},
-                                  indent=1) + "\n")
-        print(f"written to {out}")
+        atomic_write_text(args.out, json.dumps({"cpus": os.cpu_count(), "torch": torch.__version__, "steps": steps,
+                                                "rows": rows}, indent=1) + "\n")
+        print(f"written to {args.out}")
         return 0
     workspace = NOTEBOOKS / WORKSPACE_NAME
-    report = prepare_workspace(NOTEBOOKS, workspace)
+    try:
+        report = prepare_workspace(NOTEBOOKS, workspace)
+    except WorkspaceError as exc:
+        print(f"python -m moe_lab lab: error: {exc}", file=sys.stderr)
+        return 1
     print(describe(report, workspace))
     if "--prepare-only" in argv:
         return 0
-    silence_news()
+    try:
+        silence_news()
+    except (OSError, ValueError) as exc:  # a read-only environment or a broken settings file: only a prompt
+        print(f"note: could not switch JupyterLab's news prompt off ({exc}); answer it yourself", file=sys.stderr)
     return subprocess.call(lab_command(workspace, argv), env=kernel_env(), cwd=workspace)
 
 

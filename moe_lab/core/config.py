@@ -146,6 +146,15 @@ def check_fields(obj, specs: dict) -> None:
         object.__setattr__(obj, f.name, converted)
 
 
+def check_argument(where: str, name: str, value, spec: Spec):
+    """A function's argument checked by a field spec (a ConfigError `where(name=value): expected ...`);
+    returns the value as the spec stores it. For functions that take a knob a config also holds."""
+    converted = spec.convert(value)
+    if converted is _WRONG:
+        raise ConfigError(f"{where}({name}={value!r}): expected {spec.expected}")
+    return converted
+
+
 def config_from_dict(cls, d, where: Optional[str] = None):
     """cls(**d), naming an unknown key (with the known ones and the closest match) instead of a TypeError."""
     where = where or cls.__name__
@@ -167,7 +176,9 @@ def validated(**specs: Spec):
     """Class decorator: every field of the dataclass gets checked by its spec before __post_init__ runs.
 
     Every field must have a spec (an import-time error otherwise), so a new field cannot slip in
-    unchecked. Also adds `from_dict`, which names unknown keys.
+    unchecked. Also adds `from_dict`, which names unknown keys, and `check()`, which checks the object
+    again (every field, nested configs included, then the class's own rules): a config changed after
+    construction (`cfg.norm_eps = float("nan")`) is caught where a model or trainer is built from it.
     """
     def wrap(cls):
         names = [f.name for f in fields(cls)]
@@ -191,6 +202,19 @@ def validated(**specs: Spec):
                 check_fields(self, specs)
 
             cls.__init__ = __init__
+
+        def check(self):
+            """Check every field again (nested configs too) and the class's own rules; returns self."""
+            for f in fields(self):
+                value = getattr(self, f.name)
+                if hasattr(type(value), "FIELD_SPECS"):  # a nested config: check its own fields first
+                    value.check()
+            check_fields(self, specs)
+            if own is not None:
+                own(self)
+            return self
+
+        cls.check = check
         cls.FIELD_SPECS = dict(specs)
         cls.from_dict = classmethod(lambda c, d: config_from_dict(c, d))
         return cls

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from moe_lab.core import backends
-from moe_lab.studies.profiling import ridge_point, roofline
 from moe_lab.studies.bench_records import ok_results, record_label
+from moe_lab.studies.profiling import ridge_point, roofline
 
 
 def _axes(ax, figsize=(6, 3.5)):

@@ -13,12 +13,13 @@ how it was built. The sources are under the PSF licence.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import sysconfig
 from pathlib import Path
 
 from moe_lab.core import paths
+from moe_lab.core.arguments import at_least_1
+from moe_lab.core.files import atomic_write_bytes, check_output_path
 
 # Pure-Python modules present, and stable, in Python 3.10 - 3.13 (none of them became a package or
 # a stub in that range). Sorted, so the corpus is the same whatever order they are listed in.
@@ -46,11 +47,14 @@ def build_stdlib_corpus(out_path, target_chars: int = 1_000_000) -> Path:
 
     Files are taken in sorted order, each opened by a SEPARATOR line, until target_chars is reached;
     a file that would pass it is cut at a line end, so the corpus holds at most target_chars
-    characters. Missing files are skipped. The file is written atomically (a temporary file, then a
-    rename), so a reader never sees half of it.
+    characters. Missing files are skipped. out_path is checked first (a folder, a path under a file or a
+    folder we may not write in is an OutputPathError naming it); the file is written atomically (a
+    temporary file, then a rename, the temporary file removed on any failure), so a reader never sees
+    half of it.
     """
     if isinstance(target_chars, bool) or not isinstance(target_chars, int) or target_chars < 1:
         raise ValueError(f"build_stdlib_corpus(target_chars={target_chars!r}): expected a positive integer")
+    check_output_path(out_path)
     root = Path(sysconfig.get_paths()["stdlib"])
     parts, total = [], 0
     for name in STDLIB_FILES:
@@ -66,10 +70,7 @@ def build_stdlib_corpus(out_path, target_chars: int = 1_000_000) -> Path:
         if total >= target_chars or not text:
             break
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(parts), encoding="ascii")
-    tmp.replace(out_path)
+    atomic_write_bytes(out_path, "".join(parts).encode("ascii"))
     return out_path
 
 
@@ -98,11 +99,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moe_lab.data.corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="store_true", help="regenerate data/corpus/python_stdlib.txt")
-    parser.add_argument("--chars", type=int, default=1_000_000, help="the most characters to keep")
+    parser.add_argument("--chars", type=at_least_1, default=1_000_000, help="the most characters to keep (>= 1)")
     args = parser.parse_args(argv)
     if not args.build:
         parser.print_help()
         return
+    try:
+        check_output_path(corpus_path("python_stdlib"))
+    except ValueError as exc:
+        parser.error(f"the corpus file: {exc}")
     out = build_stdlib_corpus(corpus_path("python_stdlib"), args.chars)
     print(f"wrote {out} ({out.stat().st_size:,} characters) from Python {sys.version.split()[0]}")
 

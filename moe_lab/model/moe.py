@@ -60,7 +60,9 @@ class MoELayer(nn.Module):
 
     def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02, experts: Optional[nn.Module] = None):
         super().__init__()
-        self.cfg = cfg
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"MoELayer(cfg={cfg!r}): expected a MoEConfig")
+        self.cfg = cfg.check()  # again: a field changed since construction (cfg.top_k = 50) is named here
         self.router = Router(d_model, cfg)
         self.experts = experts if experts is not None else Experts(cfg.n_experts, d_model, cfg.d_expert, cfg.backend,
                                                                    init_std)

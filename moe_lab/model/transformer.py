@@ -15,6 +15,8 @@ output never depends on how many tokens one forward pass happens to see.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -29,6 +31,36 @@ from moe_lab.model.layers import CausalSelfAttention, RMSNorm, SwiGLU
 from moe_lab.model.mla import MultiHeadLatentAttention
 from moe_lab.model.moe import MoELayer
 from moe_lab.model.router import RoutingStats
+
+
+class GenerationArgumentError(ValueError, TypeError):
+    """A wrong argument of generation: the message names the function, the argument, the value and what was expected."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_sampling_args(where: str, temperature, top_k, vocab_size: int) -> None:
+    """temperature: a finite number >= 0 (0 = greedy); top_k: None or an integer in [1, vocab_size]."""
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature >= 0):
+        raise GenerationArgumentError(f"{where}(temperature={temperature!r}): expected a finite number > 0, "
+                                      "or 0 for greedy decoding")
+    if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= vocab_size):
+        raise GenerationArgumentError(f"{where}(top_k={top_k!r}): expected None or an integer in [1, {vocab_size}]")
+
+
+def check_generate_args(where: str, max_new_tokens, temperature, top_k, repeats, vocab_size: int,
+                        min_new_tokens: int = 0) -> None:
+    """The arguments generate() and generate_completions() share, each named with its value when wrong."""
+    if not (_is_int(max_new_tokens) and max_new_tokens >= min_new_tokens):
+        what = "0 returns the prompts as they are" if min_new_tokens == 0 else "tokens to generate"
+        raise GenerationArgumentError(f"{where}(max_new_tokens={max_new_tokens!r}): expected an integer "
+                                      f">= {min_new_tokens} ({what})")
+    check_sampling_args(where, temperature, top_k, vocab_size)
+    if not (_is_int(repeats) and repeats >= 1):
+        raise GenerationArgumentError(f"{where}(repeats={repeats!r}): expected an integer >= 1")
 
 
 class Block(nn.Module):
@@ -53,7 +85,9 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"Transformer(cfg={cfg!r}): expected a ModelConfig")
+        self.cfg = cfg.check()  # again: a field changed since construction (cfg.norm_eps = nan) is named here
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -155,15 +189,20 @@ class Transformer(nn.Module):
         return_logits=True also returns the logits of every step, (B * repeats, n, V), before temperature.
         Runs in eval mode (no token dropping in MoE layers) and restores the model's mode after, under
         torch.inference_mode (less overhead per operation than no_grad; the results are ordinary tensors).
+
+        Every argument is checked first (a GenerationArgumentError, both a ValueError and a TypeError,
+        naming it): max_new_tokens an integer >= 0 (0 returns the prompts as they are), temperature a
+        finite number >= 0, top_k None or an integer in [1, vocab_size], stop_token None or a token id.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature}: expected a number >= 0 (0 = greedy)")
-        if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
-            raise ValueError(f"top_k={top_k}: expected None or an integer in [1, {self.cfg.vocab_size}]")
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats={repeats!r}: expected an integer >= 1")
-        if idx.dim() != 2 or idx.shape[1] < 1:
-            raise ValueError(f"idx has shape {tuple(idx.shape)}: expected (batch, prompt length >= 1)")
+        check_generate_args("generate", max_new_tokens, temperature, top_k, repeats, self.cfg.vocab_size)
+        if stop_token is not None and not (_is_int(stop_token) and 0 <= stop_token < self.cfg.vocab_size):
+            raise GenerationArgumentError(f"generate(stop_token={stop_token!r}): expected None or a token id "
+                                          f"in [0, {self.cfg.vocab_size - 1}]")
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[1] < 1:
+            shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
+            raise GenerationArgumentError(f"generate: idx has shape {shape}: expected a tensor (batch, prompt length >= 1)")
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise GenerationArgumentError(f"generate: idx has dtype {idx.dtype}: expected integer token ids")
         was_training = self.training
         if was_training:  # (walking the modules costs time: only when the mode must change)
             self.eval()

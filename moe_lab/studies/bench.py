@@ -37,14 +37,14 @@ import torch
 from torch import Tensor
 
 from moe_lab.core import cost, machine, paths
+from moe_lab.core.arguments import check_outputs
 from moe_lab.core.config import preset
 from moe_lab.core.contract import max_rel_diff
-from moe_lab.core.files import check_output_path, write_record
+from moe_lab.core.files import write_record
 from moe_lab.core.runtime import choose_triton_interpreter, default_device, pick_dtype
 from moe_lab.model import expert_backends as B
 from moe_lab.model.experts import experts_sorted
-from moe_lab.studies import profiling as P
-from moe_lab.studies import bench_records
+from moe_lab.studies import bench_records, profiling as P
 
 
 @dataclass(frozen=True)
@@ -380,7 +380,7 @@ def git_commit() -> Optional[str]:
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[list] = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The command line; `plan` checks every argument before any work."""
     ap = argparse.ArgumentParser(prog="python -m moe_lab bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,7 +398,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 with --quick on a CPU, where "
                     "threading overhead dominates small ops and a shared machine makes it erratic; else torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
 
 
 @dataclass
@@ -443,7 +443,7 @@ def _default_backends(on_cpu: bool, notes: list) -> list:
     return [b for b in BACKENDS if b != "triton"]
 
 
-def plan(args: argparse.Namespace, argv: Optional[list] = None) -> Plan:
+def plan(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[list] = None) -> Plan:
     """Every argument checked (a SystemExit naming it) before any work, the CPU's "this would take
     hours" refusal included, and the output files checked before anything is measured."""
     shapes, tokens, passes, backends = _check_numbers(args)
@@ -465,11 +465,7 @@ def plan(args: argparse.Namespace, argv: Optional[list] = None) -> Plan:
     slug = machine.slugify(machine.device_name(device))
     outs = [Path(args.out) if args.out else paths.runs_path("bench", f"{slug}{'-quick' if args.quick else ''}.json")]
     outs += [paths.data_path("bench", f"{slug}.json")] if args.record else []
-    for out, flag in zip(outs, ("--out", "--record")):
-        try:
-            check_output_path(out)
-        except ValueError as exc:
-            raise SystemExit(f"{flag}: {exc}") from None
+    check_outputs(ap, dict(zip(("--out", "--record"), outs)))  # before any work: a bad path costs no run
     full = not args.quick and tokens is None
     if tokens is None:
         tokens = list(q_tokens) if args.quick else {s: FULL_SHAPE_TOKENS.get(s, FULL_TOKENS) for s in shapes}
@@ -516,8 +512,8 @@ def run_plan(p: Plan, repeats: int, budget_s: Optional[float], progress: bool) -
 
 
 def main(argv: Optional[list] = None) -> int:
-    args = parse_args(argv)
-    p = plan(args, argv)
+    ap, args = parse_args(argv)
+    p = plan(ap, args, argv)
     threads = args.threads if args.threads is not None else (1 if p.device.type == "cpu" and args.quick else None)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from moe_lab.core import machine, paths
+from moe_lab.core.arguments import check_outputs
 from moe_lab.core.config import preset
 from moe_lab.core.files import write_record
 from moe_lab.core.runtime import default_device
@@ -187,14 +188,15 @@ def main(argv: Optional[list] = None) -> int:
         if threads < 1:
             raise SystemExit(f"--threads {threads}: expected a positive number")
         torch.set_num_threads(threads)
+    slug = machine.slugify(machine.device_name(device))
+    out = Path(args.out) if args.out else paths.runs_path("bench", f"generate-{slug}{'-quick' if args.quick else ''}.json")
+    outs = [out] + ([RECORD_DIR / f"{slug}.json"] if args.record else [])
+    check_outputs(ap, {"--out": out, "--record": outs[1] if args.record else None})  # before any work
     command = " ".join(["python -m moe_lab bench-generate", *(sys.argv[1:] if argv is None else argv)])
     record = machine.environment_record(device, command)
     record.update(schema=1, kind="generate", mode="quick" if args.quick else "full", dtype="float32",
                   cpu_threads=torch.get_num_threads())
     record.update(run(args.quick, device))
-    slug = machine.slugify(machine.device_name(device))
-    out = Path(args.out) if args.out else paths.runs_path("bench", f"generate-{slug}{'-quick' if args.quick else ''}.json")
-    outs = [out] + ([RECORD_DIR / f"{slug}.json"] if args.record else [])
     write_record(record, outs)
     return 0 if record["rollouts"]["same_completions"] else 1
 

@@ -12,7 +12,6 @@ from typing import Iterable, Optional
 
 from moe_lab.core import paths
 
-
 RECORD_KEYS = ("device", "driver", "torch", "triton", "date", "command", "results")
 RESULT_KEYS = ("shape", "tokens", "d_model", "d_expert", "n_experts", "top_k", "backend", "pass", "status", "ms",
                "flops", "tflops", "weight_bytes", "min_bytes", "gbps")

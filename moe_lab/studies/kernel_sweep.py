@@ -16,8 +16,7 @@ from typing import Optional
 import torch
 
 from moe_lab.core import machine
-from moe_lab.kernels import INTERPRETED
-from moe_lab.kernels import config_table as CT
+from moe_lab.kernels import INTERPRETED, config_table as CT
 from moe_lab.kernels.moe_backward import moe_experts_backward
 from moe_lab.kernels.moe_gemm import moe_down, moe_up
 from moe_lab.kernels.moe_routing import moe_align

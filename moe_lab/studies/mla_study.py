@@ -19,12 +19,12 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from moe_lab.core import machine, paths
-from moe_lab.core.arguments import positive_int
+from moe_lab.core.arguments import check_outputs, positive_int, seed_list_arg
 from moe_lab.core.config import ModelConfig, TrainConfig, preset
 from moe_lab.core.files import write_record
 from moe_lab.core.runtime import default_device, require_device, seed_everything
@@ -96,10 +96,13 @@ def summarize(runs: dict) -> dict:
 
 
 def compare(preset_name: str, seeds: Sequence[int], steps: Optional[int] = None, device="cpu",
-            progress: bool = True, exact_match_problems: int = 500) -> dict:
-    """Train MHA and its equal-parameter MLA twin on every seed; returns a record (models not included)."""
+            progress: bool = True, exact_match_problems: int = 500, on_seed: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train MHA and its equal-parameter MLA twin on every seed; returns a record (models not included).
+
+    on_seed(record so far) is called after each seed's pair of runs (the command writes it, so a run
+    stopped from outside keeps the seeds it finished)."""
     p = preset(preset_name)
-    train_cfg = replace(p.train, steps=steps or p.train.steps)
+    train_cfg = replace(p.train, steps=p.train.steps if steps is None else steps)
     cfgs = {"mha": p.moe, "mla": mla_twin(p.moe)}
     hd = p.moe.d_model // p.moe.n_heads
     info = {}
@@ -114,6 +117,9 @@ def compare(preset_name: str, seeds: Sequence[int], steps: Optional[int] = None,
             r = train_one(cfg, train_cfg, seed, device, progress, f"{name} seed {seed}", exact_match_problems)
             r.pop("model"), r.pop("history")
             runs[name].append(r)
+        if on_seed is not None:
+            on_seed({"preset": preset_name, "steps": train_cfg.steps, "seeds": list(seeds)[:len(runs["mha"])],
+                     "models": info, "runs": runs, "recipe": recipe(train_cfg), "summary": summarize(runs)})
     return {"preset": preset_name, "steps": train_cfg.steps, "seeds": list(seeds), "models": info, "runs": runs,
             "recipe": recipe(train_cfg), "summary": summarize(runs)}
 
@@ -144,34 +150,35 @@ def load_record(preset_name: str = "cpu") -> Optional[dict]:
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moe_lab mla-study", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu", choices=["ci", "cpu", "gpu"])
-    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds (at least 2 for a spread)")
+    ap.add_argument("--seeds", type=seed_list_arg, default=[0, 1], help="seeds, e.g. 0,1 or 0-4 (at least 2 for a spread)")
     ap.add_argument("--steps", type=positive_int, help="override the preset's number of steps (>= 1)")
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--out", help="JSON output (default runs/mla_study/<preset>.json)")
     ap.add_argument("--record", action="store_true", help=f"also write {RECORD_DIR}/mla_vs_mha_<preset>.json")
     args = ap.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        ap.error(f"argument --seeds: {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
-    if not seeds:
-        ap.error("argument --seeds: give at least one seed")
+    seeds = args.seeds
     try:
         require_device(args.device)
     except ValueError as e:
         ap.error(f"argument --device: {e}")
+    outs = [Path(args.out) if args.out else paths.runs_path("mla_study", f"{args.preset}.json")]
+    if args.record:
+        outs.append(RECORD_DIR / f"mla_vs_mha_{args.preset}.json")
+    check_outputs(ap, {"--out": outs[0], "--record": outs[1] if args.record else None})  # before any training
     t0 = time.perf_counter()
     record = machine.environment_record(args.device, " ".join(["python -m moe_lab mla-study", *(sys.argv[1:] if argv is None else argv)]))
     record["cpu_threads"] = torch.get_num_threads()
-    record.update(compare(args.preset, seeds, args.steps, args.device))
+
+    def write_partial(done: dict) -> None:  # after each seed: a run stopped from outside keeps the seeds it finished
+        write_record({**record, **done, "partial": f"{len(done['seeds'])} of {len(seeds)} seeds done",
+                      "wall_seconds": time.perf_counter() - t0}, outs[0], quiet=True)
+
+    record.update(compare(args.preset, seeds, args.steps, args.device, on_seed=write_partial))
     record["wall_seconds"] = time.perf_counter() - t0
     s = record["summary"]
     print(f"final validation loss, mean over seeds {seeds}: MHA {s['mean_final_val_loss']['mha']:.4f}, "
           f"MLA {s['mean_final_val_loss']['mla']:.4f}; MLA - MHA per seed: "
           + ", ".join(f"{d:+.4f}" for d in s["diff_mla_minus_mha"]) + f" ({s['verdict']})")
-    outs = [Path(args.out) if args.out else paths.runs_path("mla_study", f"{args.preset}.json")]
-    if args.record:
-        outs.append(RECORD_DIR / f"mla_vs_mha_{args.preset}.json")
     write_record(record, outs)
     return 0
 

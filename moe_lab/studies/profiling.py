@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from moe_lab.core import cost, paths
+from moe_lab.core import cost
 from moe_lab.core.machine import device_name
 
 

@@ -40,7 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_lab.core import machine, paths
-from moe_lab.core.files import check_output_path, write_record
+from moe_lab.core.arguments import check_outputs
+from moe_lab.core.files import write_record
 from moe_lab.core.runtime import choose_triton_interpreter, default_device, pick_dtype
 from moe_lab.studies.bench import SHAPES
 
@@ -138,11 +139,7 @@ def plan(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
     out = Path(args.out) if args.out else (paths.data_path("kernel_tables", f"{slug}.json") if dev_type == "cuda"
                                            else paths.runs_path("tune", f"{slug}.json"))
     timings = Path(args.timings) if args.timings else paths.runs_path("tune", f"{slug}-timings.json")
-    for path, flag in ((out, "--out"), (timings, "--timings")):
-        try:
-            check_output_path(path)
-        except ValueError as exc:
-            ap.error(f"argument {flag}: {exc}")
+    check_outputs(ap, {"--out": out, "--timings": timings})  # before any work: a bad path costs no run
     if tokens is None:  # interleaved: every shape gets its first buckets before the budget can run out
         cases = [(s, SHAPE_TOKENS[s][i]) for i in range(max(len(SHAPE_TOKENS[s]) for s in shapes)) for s in shapes
                  if i < len(SHAPE_TOKENS[s])]

@@ -7,6 +7,7 @@ samples of one prompt share that run.
 """
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -14,6 +15,7 @@ import torch
 
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER
+from moe_lab.model.transformer import GenerationArgumentError, check_generate_args
 
 
 @torch.no_grad()
@@ -26,16 +28,32 @@ def generate_completions(model, problems: Sequence[Problem], repeats: int = 1, t
     A completion stops after its first newline (included); without one it has max_new_tokens ids.
     Used by solve() (greedy answers) and moe_lab.training.grpo.sample_rollouts (groups of samples).
     use_cache=False generates without the KV cache (the same completions, more slowly).
+    max_new_tokens: None (the longest answer + 2) or an integer >= 1; temperature a finite number >= 0
+    (0 = greedy); top_k None or an integer in [1, vocab]. A wrong one is a GenerationArgumentError
+    naming it, and the model keeps the mode it had whatever fails.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats}: expected an integer >= 1")
     if not problems:
         raise ValueError("generate_completions: no problems given")
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", tok.vocab_size)
+    max_new = max(len(p.answer) for p in problems) + 2 if max_new_tokens is None else max_new_tokens
+    if max_new_tokens is None or isinstance(max_new_tokens, numbers.Integral):
+        check_generate_args("generate_completions", max_new, temperature, top_k, repeats, vocab, min_new_tokens=1)
+    else:
+        raise GenerationArgumentError(f"generate_completions(max_new_tokens={max_new_tokens!r}): expected None "
+                                      "(the longest answer + 2) or an integer >= 1")
     was_training = model.training
     if was_training:  # (walking the modules costs time: only when the mode must change)
         model.eval()
+    try:
+        return _generate_grouped(model, problems, repeats, temperature, top_k, generator, max_new, tok, use_cache)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _generate_grouped(model, problems, repeats, temperature, top_k, generator, max_new, tok, use_cache):
+    """generate_completions' work: one batch per prompt length."""
     device = next(model.parameters()).device
-    max_new = max_new_tokens or max(len(p.answer) for p in problems) + 2
     by_len = defaultdict(list)
     for i, p in enumerate(problems):
         by_len[len(p.prompt)].append(i)
@@ -49,8 +67,6 @@ def generate_completions(model, problems: Sequence[Problem], repeats: int = 1, t
             if tok.newline_id in completion:  # cut after the stop token (later ones are filler)
                 completion = completion[: completion.index(tok.newline_id) + 1]
             out[idxs[r // repeats] * repeats + r % repeats] = (prompt, completion)
-    if was_training:
-        model.train()
     return out
 
 

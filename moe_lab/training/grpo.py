@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Optional, Sequence
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_lab.core.config import boolean, choice, integer, number, validated
+from moe_lab.core.config import boolean, check_argument, choice, integer, number, validated
 from moe_lab.core.runtime import check_mode, detect_mode
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER
@@ -219,6 +220,13 @@ def equal_reward_groups(r: Tensor, group_size: int) -> Tensor:
     return (g == g[:, :1]).all(1)
 
 
+def _scale(x: Tensor, dim=None) -> Tensor:
+    """The largest |x| (along dim, kept), 1 where it is 0: dividing by it keeps sums and squares of
+    rewards near ±1e308 finite."""
+    s = x.abs().amax() if dim is None else x.abs().amax(dim, keepdim=True)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
 def group_advantages(r: Tensor, group_size: int, mode: str = "group", eps: float = 1e-6) -> Tensor:
     """Step 3: the advantage of each completion from its reward (r has P*G entries, grouped in rows of G).
 
@@ -231,20 +239,29 @@ def group_advantages(r: Tensor, group_size: int, mode: str = "group", eps: float
     never the rounding error of a float32 mean: eight rewards of 0.1 would otherwise get about ±0.007);
     in "batch_mean" mode the same holds for a batch whose rewards are all equal. The std is the
     population std (divide by G), so a group of two rewards {0, 1} gets advantages ±1. A NaN or inf
-    reward is an error naming its row. Computed in float64, returned as float32.
+    reward is an error naming its row; eps must be a finite number >= 0. Computed in float64 on rewards
+    divided by the group's largest |reward| (so rewards like ±1e308 keep a finite mean and std and
+    their signs), returned as float32.
     """
     if mode not in ADVANTAGES:
         raise ValueError(f"group_advantages(mode={mode!r}): expected one of {ADVANTAGES}")
+    if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"group_advantages(eps={eps!r}): expected a finite number >= 0")
     check_rewards(r, group_size)
     r64 = r.detach().double()
     if mode == "batch_mean":
         if bool((r64 == r64[0]).all()):
             return torch.zeros_like(r64).float()
-        return (r64 - r64.mean()).float()
+        s = _scale(r64)
+        return ((r64 / s - (r64 / s).mean()) * s).float()
     g = r64.view(-1, group_size)  # (P, G)
-    centred = g - g.mean(1, keepdim=True)
+    s = _scale(g, 1)  # (P, 1)
+    gs = g / s  # in [-1, 1]: (r - mean) / (std + eps) = (r/s - mean(r/s)) / (std(r/s) + eps/s)
+    centred = gs - gs.mean(1, keepdim=True)
     if mode == "group":
-        centred = centred / (g.std(1, unbiased=False, keepdim=True) + eps)
+        centred = centred / (gs.std(1, unbiased=False, keepdim=True) + eps / s)
+    else:
+        centred = centred * s
     equal = equal_reward_groups(r64, group_size)[:, None]  # (P, 1)
     return torch.where(equal, torch.zeros_like(centred), centred).flatten().float()
 
@@ -372,6 +389,9 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     before any arithmetic (selected, never multiplied), so a huge or infinite value on a prompt token
     changes neither the loss nor its gradient.
     """
+    # the knobs GRPOConfig also holds, checked by its own specs (a NaN clip_eps made a NaN loss, a NaN beta dropped the KL)
+    check_argument("grpo_loss", "clip_eps", clip_eps, GRPOConfig.FIELD_SPECS["clip_eps"])
+    check_argument("grpo_loss", "beta", beta, GRPOConfig.FIELD_SPECS["beta"])
     if beta > 0 and ref_logp is None:
         raise ValueError("grpo_loss: beta > 0 needs ref_logp (the reference model's log-probs)")
     _check_loss_inputs(logp, old_logp, advantages, mask, ref_logp)
@@ -445,6 +465,12 @@ class GRPOTrainer:
     """
 
     def __init__(self, model, task: ArithmeticTask, cfg: GRPOConfig, reward_fn: Optional[Callable] = None):
+        if not isinstance(cfg, GRPOConfig):
+            raise TypeError(f"GRPOTrainer(cfg={cfg!r}): expected a GRPOConfig")
+        cfg.check()  # again: a field changed since construction (cfg.clip_eps = nan) is named here
+        model_cfg = getattr(model, "cfg", None)
+        if hasattr(type(model_cfg), "FIELD_SPECS"):
+            model_cfg.check()
         self.model, self.task, self.cfg = model, task, cfg
         self.device = next(model.parameters()).device
         self.reference = None

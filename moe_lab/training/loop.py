@@ -108,6 +108,8 @@ def train_step(model: torch.nn.Module, batch, opt: torch.optim.Optimizer, lr: fl
 def train(model: torch.nn.Module, batches: BatchFn, cfg: TrainConfig, progress: bool = True,
           desc: str = "train", on_step: Optional[Callable[[int, "History"], None]] = None) -> History:
     """Train model for cfg.steps steps on batches("train"), evaluating on batches("val")."""
+    if isinstance(cfg, TrainConfig):
+        cfg.check()  # again: a field changed since construction (cfg.lr = nan) is named before any step
     opt = make_optimizer(model, cfg)
     hist = History()
     has_moe = hasattr(model, "moe_layers") and bool(model.moe_layers())

@@ -13,6 +13,12 @@ whole schedule and keeps a snapshot of the weights the first time the model answ
 SNAPSHOT_TARGET of a fixed check set of *training* problems right (`AccuracySnapshot`): wherever
 the rise happens, the snapshot sits at the same point of it. The held-out problems are never used
 to choose it.
+
+When no check reaches the target (a run too short for any check: fewer than 25 steps; the ci
+preset's 600 steps, too few for the rise: seed 0 at 1 thread peaked at 0.5 % of the check set; a
+stalled run after its tries), the command keeps the model at the end of training instead:
+figures["snapshot"] says "end of training" and why, and the same line goes to stderr. A stall is retried with the next seed only for a full schedule of a preset
+whose schedule reaches the target (cpu, gpu), where a stall is the seed's bad luck.
 """
 from __future__ import annotations
 
@@ -23,13 +29,13 @@ import json
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from moe_lab.core.arguments import positive_int, seed_int
 from moe_lab.core.config import preset
+from moe_lab.core.files import atomic_write_text, check_output_path
 from moe_lab.core.runtime import MODES, default_device, require_device, seed_everything
 from moe_lab.data import batch_fn, course_mixture, course_task
 from moe_lab.model import Transformer
@@ -39,6 +45,7 @@ from moe_lab.training.loop import History, evaluate, train
 
 SNAPSHOT_TARGET = 0.65  # the GRPO start: the first check at which this share of the check set is right
 SNAPSHOT_CHECK = 200  # problems in the check set (training split of course_task(), fixed seed)
+RETRY_PRESETS = ("cpu", "gpu")  # presets whose full schedule reaches the target: a stall there is retried
 
 
 class AccuracySnapshot:
@@ -73,6 +80,14 @@ class AccuracySnapshot:
             self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.step = step + 1
 
+    def why_not_reached(self) -> Optional[str]:
+        """None once the snapshot is taken, else why not, in words (for stderr and the figures)."""
+        if self.state is not None:
+            return None
+        if not self.checks:
+            return f"no check ran (the first comes at step {self.every})"
+        return f"the check set never reached {self.target:.0%} (last check {self.checks[-1][1]:.0%} at step {self.checks[-1][0]})"
+
     def model_copy(self) -> torch.nn.Module:
         """A new model holding the snapshot's weights (the trained model itself is left as it is)."""
         if self.state is None:
@@ -84,19 +99,26 @@ class AccuracySnapshot:
 
 
 def train_course_model(preset_name: str, out: Optional[str] = None, progress: bool = True, device: str = "cpu",
-                       steps: Optional[int] = None, seed: Optional[int] = None, max_tries: int = 3):
+                       steps: Optional[int] = None, seed: Optional[int] = None, max_tries: Optional[int] = None):
     """The course's own training command: the preset's MoE on the course mixture for the whole
     schedule, with the snapshot GRPO starts from (see the module docstring).
 
     A run whose check set never reaches the target (a stall that some seeds, thread counts or CPUs
-    meet) is started again with the next seed, up to `max_tries` runs; figures["seed"] is the seed
-    of the run kept, figures["tries"] how many ran. Returns (snapshot model, history, figures);
+    meet) is started again with the next seed, up to `max_tries` runs (None: 3 for the full schedule
+    of a preset in RETRY_PRESETS, else 1); figures["seed"] is the seed of the run kept,
+    figures["tries"] how many ran. If the last run never reached the target, the model at the end of
+    training is kept: figures["snapshot"] says so and why (also said on stderr); it never raises
+    after training. Returns (snapshot model, history, figures);
     saves the snapshot with its config and figures when `out` is given. Figures: held-out exact
     match (500 problems) of the snapshot and of the model at the end of training (the model
     notebook 04 trains), the snapshot's step and validation loss."""
     p = preset(preset_name)
     # None keeps the preset's value; anything else (0 too) goes to TrainConfig, which names a bad one
     first_seed = p.train.seed if seed is None else seed
+    if max_tries is None:
+        max_tries = 3 if preset_name in RETRY_PRESETS and steps in (None, p.train.steps) else 1
+    if not isinstance(max_tries, int) or isinstance(max_tries, bool) or max_tries < 1:
+        raise ValueError(f"train_course_model(max_tries={max_tries!r}): expected an integer >= 1")
     steps = p.train.steps if steps is None else steps
     device = require_device(device)
     if out:
@@ -114,16 +136,21 @@ def train_course_model(preset_name: str, out: Optional[str] = None, progress: bo
             break
         # Some runs never learn the carries of 3-digit additions (they stall near 10 % exact match,
         # the share of additions without a carry): start again with the next seed.
-        print(f"seed {p.train.seed}: the check set never reached {snapshot.target:.0%} "
-              f"(last check {snapshot.checks[-1][1]:.0%}); trying seed {p.train.seed + 1}", file=sys.stderr)
+        print(f"seed {p.train.seed}: {snapshot.why_not_reached()}; trying seed {p.train.seed + 1}", file=sys.stderr)
     wall = time.perf_counter() - t0
     final_acc = exact_match(model, course_task(), n=500)
-    snap = snapshot.model_copy()
+    why_not = snapshot.why_not_reached()
+    if why_not is None:
+        snap, kept = snapshot.model_copy(), f"the first check at {snapshot.target:.0%} (step {snapshot.step})"
+    else:
+        snap, kept = copy.deepcopy(model).eval(), f"end of training (step {p.train.steps}): {why_not}"
+        print(f"train: keeping the model at the {kept}", file=sys.stderr)
     val_batches = batch_fn(course_mixture(), p.train.batch_size, p.train.seq_len, seed=p.train.seed, device=device)
     extra = {"preset": preset_name, "steps": p.train.steps, "seed": p.train.seed, "tries": attempt + 1,
              "threads": torch.get_num_threads(),
-             "snapshot_step": snapshot.step, "snapshot_target": snapshot.target,
-             "check_exact_match": snapshot.checks[-1][1], "checks": snapshot.checks,
+             "snapshot": kept, "snapshot_reached_target": why_not is None,
+             "snapshot_step": snapshot.step if why_not is None else p.train.steps, "snapshot_target": snapshot.target,
+             "check_exact_match": snapshot.checks[-1][1] if snapshot.checks else None, "checks": snapshot.checks,
              "val_loss": evaluate(snap, val_batches, p.train.eval_batches),
              "heldout_exact_match": exact_match(snap, course_task(), n=500),
              "final_val_loss": hist.final_val_loss, "final_heldout_exact_match": final_acc,
@@ -157,6 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_save_path(args.out)
         except ValueError as exc:
             ap.error(f"argument --out: {exc}")
+    if args.figures is not None:
+        try:
+            check_output_path(args.figures)
+        except ValueError as exc:
+            ap.error(f"argument --figures: {exc}")
     return args
 
 
@@ -168,7 +200,7 @@ def main(argv=None) -> int:
     text = json.dumps(figures, indent=2)
     print(text)
     if args.figures:
-        Path(args.figures).write_text(text + "\n")
+        atomic_write_text(args.figures, text + "\n")
     return 0
 
 

@@ -65,7 +65,7 @@ def _copy_repo(dst: Path) -> Path:
     ignore = shutil.ignore_patterns(".ipynb_checkpoints", "workspace", "runs", "__pycache__")
     shutil.copytree(ROOT / "notebooks", dst / "notebooks", ignore=ignore)
     shutil.copytree(ROOT / "moe_lab", dst / "moe_lab", ignore=ignore)
-    for name in ("README.md", "pyproject.toml", "environment.yml", "data/corpus/README.md"):
+    for name in ("README.md", "pyproject.toml", "environment.yml", "data/corpus/README.md", "data/kernel_tables/README.md"):
         (dst / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, dst / name)
     (dst / "tests").mkdir()

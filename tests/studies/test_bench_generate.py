@@ -49,7 +49,7 @@ def test_rollout_times_notices_when_the_two_paths_disagree(monkeypatch):
         out = real(model, problems, *args, use_cache=use_cache, **kw)
         return [(p, c + [3]) for p, c in out] if use_cache else out
 
-    monkeypatch.setattr(bench_generate, "generate_completions", cache_changes_the_answer)
+    monkeypatch.setattr(bench_generate, "generate_completions", cache_changes_the_answer)  # the name it calls
     r = bench_generate.rollout_times(tiny_model(), course_task().problems(4, "train", seed=2), group_size=2,
                                      max_new_tokens=3, repeats=1)
     assert r["same_completions"] is False
