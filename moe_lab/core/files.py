@@ -48,11 +48,46 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def _process_ended(pid: int) -> bool:
+    """Whether no process has this pid here (a process of another user still counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError, OverflowError):
+        return False
+    return False
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary siblings of `path` that writers which ended without cleaning up left
+    (a save killed with SIGKILL, a machine that lost power): `.<name>.<pid>.<hex>.tmp` whose pid is
+    no running process. A live writer's file (another process, or this one's other threads) stays."""
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        pid, _, rest = name[len(prefix):].partition(".")
+        if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit() and rest.count(".") == 1):
+            continue
+        if int(pid) == os.getpid() or not _process_ended(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(path.parent / name)
+            removed.append(path.parent / name)
+    return removed
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write data to path through a temporary file beside it, renamed over it once on disk; the
-    temporary file is removed on any failure (a full disk, an interrupt)."""
+    temporary file is removed on any failure (a full disk, an interrupt), and those of earlier
+    writers that were killed are removed first (`remove_stale_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = temporary_sibling(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies: a file's usual mode
     try:

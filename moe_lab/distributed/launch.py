@@ -9,7 +9,11 @@ their return values, in rank order. It always ends:
 - a rank that raises: the others are stopped at once (they may be waiting in a collective for the
   failed rank, forever) and RankFailedError names the rank, its exception and its traceback;
 - a rank that never finishes: after `timeout` seconds every rank is stopped and TimeoutError names
-  the ranks that were still running.
+  the ranks that were still running;
+- the calling process killed outright (a notebook kernel shut down: SIGKILL to its process group, or
+  to the kernel alone): a guard process of its own session (moe_lab.distributed.guard) kills the
+  ranks and removes the temporary folder; the forkserver and multiprocessing's resource tracker then
+  end by themselves, and forkserver_cleanup removes the forkserver's `pymp-*` folder.
 
 How it works. The parent opens the rendezvous (a TCPStore on a port the OS picks, so two launches
 never race for a port) and keeps it open until the end; each rank connects to it, runs fn and
@@ -30,6 +34,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +47,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from moe_lab.distributed.guard import GRACE_S, Guard
 
 HOST = "127.0.0.1"
 
@@ -162,9 +169,15 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, bac
     fn_name = f"{fn.__module__}.{fn.__qualname__}"
     ctx = _context(start_method)
     folder = Path(tempfile.mkdtemp(prefix="moe_lab_launch_"))
-    # The rendezvous: port 0 lets the OS pick a free port; it is released when `store` is dropped.
-    store = dist.TCPStore(HOST, 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout))
+    guard = Guard(folder)  # if this process is killed outright: stops the ranks, removes the folder
+    try:
+        # The rendezvous: port 0 lets the OS pick a free port; it is released when `store` is dropped.
+        store = dist.TCPStore(HOST, 0, world_size, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=timeout))
+    except BaseException:
+        guard.done()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     procs = []
     try:
         for rank in range(world_size):
@@ -172,6 +185,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, bac
                             name=f"moe_lab-rank{rank}", daemon=True)
             p.start()
             procs.append(p)
+            guard.kill(p.pid)
         deadline = time.monotonic() + timeout
         while True:
             error = _failure(folder, world_size, fn_name)
@@ -203,6 +217,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, bac
         _stop(procs)
         del store
         shutil.rmtree(folder, ignore_errors=True)
+        guard.done()
 
 
 def run_torchrun(nproc: int, *args: str, timeout: float = 300.0) -> "subprocess.CompletedProcess":
@@ -211,14 +226,40 @@ def run_torchrun(nproc: int, *args: str, timeout: float = 300.0) -> "subprocess.
     Runs `python -m torch.distributed.run` (the module behind the torchrun command) with a private
     temporary folder (TMPDIR), removed afterwards: torchrun leaves a `torchelastic_*` log folder
     (and multiprocessing a `pymp-*` one) in the temporary directory after every run. From a shell,
-    `TMPDIR=$(mktemp -d) torchrun ...; rm -r "$TMPDIR"` does the same.
+    `TMPDIR=$(mktemp -d) torchrun ...; rm -r "$TMPDIR"` does the same. torchrun runs in a session of
+    its own; if the caller is killed outright (a notebook kernel shut down), a guard (moe_lab.distributed.guard)
+    asks torchrun to stop its workers and removes the folder. On a timeout or an interrupt, torchrun is
+    stopped the same way (SIGTERM: it stops its workers; SIGKILL to its group if it has not after 20 s).
     """
-    import subprocess
-
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ValueError(f"nproc={nproc!r}: expected an integer >= 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "moe_lab", "distributed", *map(str, args)]
-    with tempfile.TemporaryDirectory(prefix="moe_lab_torchrun_") as tmp:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TMPDIR": tmp})
+    tmp = tempfile.mkdtemp(prefix="moe_lab_torchrun_")
+    guard = Guard(tmp)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TMPDIR": tmp}, start_new_session=True)
+        guard.term(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:  # a timeout, Ctrl-C: torchrun stops its workers on SIGTERM
+            proc.terminate()
+            try:
+                proc.communicate(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                _killpg(proc.pid)
+                proc.kill()
+                proc.communicate()
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        guard.done()
 
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -14,6 +14,7 @@ to the parent in rank order.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -195,4 +196,13 @@ def sleep_on_rank(rank: int, world_size: int, slow_rank: int, seconds: float) ->
     """Rank `slow_rank` sleeps `seconds` (longer than the launch's timeout); the others return at once."""
     if rank == slow_rank:
         time.sleep(seconds)
+    return rank
+
+
+def sleep_on_every_rank(rank: int, world_size: int, seconds: float, started_in: str) -> int:
+    """Every rank leaves a file `rank<r>` in the folder `started_in`, then sleeps `seconds` (a run to kill
+    while its ranks are alive, for the tests of what a killed run leaves behind)."""
+    with open(f"{started_in}/rank{rank}", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
     return rank

@@ -310,8 +310,99 @@ TABLE_KEYS = ("schema", "device", "capability", "driver", "torch", "triton", "da
 BUCKET_KEYS = ("dtype", "d_model", "d_expert", "rows_per_expert", "block_m", "kernels")
 
 
+TABLE_DTYPES = ("float32", "float16", "bfloat16")  # what the kernels take (_itemsize)
+MAX_BLOCK = 256  # the largest tile side: the tuner's space stops there, and larger tiles overflow shared memory
+
+
+def _power_of_two(v, largest: int = MAX_BLOCK) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= largest and not v & (v - 1)
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_config(config, block_m: int, kernel: str, where: str) -> None:
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a 'config' object (BLOCK_M, BLOCK_N, ...); got {config!r:.80}")
+    try:
+        cfg = KernelConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: bad config: {err}") from None
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        if getattr(cfg, name) > MAX_BLOCK:
+            raise ValueError(f"{where}: bad config: {name} {getattr(cfg, name)} is larger than {MAX_BLOCK}")
+    if kernel in ROW_KERNELS and cfg.BLOCK_M != block_m:
+        raise ValueError(f"{where}: BLOCK_M {cfg.BLOCK_M} is not the layout's block_m {block_m}")
+
+
+def _check_entry(entry, block_m: int, kernel: str, where: str) -> None:
+    """One kernel's entry of a bucket at the layout's `block_m`: its configuration, its time and its
+    runner-up's."""
+    where = f"{where}: block_m {block_m}: {kernel}"
+    if kernel not in KERNELS:
+        raise ValueError(f"{where}: unknown kernel {kernel!r}; expected some of {KERNELS}")
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object with a 'config'; got {entry!r:.80}")
+    _check_config(entry.get("config"), block_m, kernel, where)
+    if "ms" in entry and not _positive_number(entry["ms"]):
+        raise ValueError(f"{where}: ms {entry['ms']!r}: expected a finite number of milliseconds > 0")
+    runner_up = entry.get("runner_up")
+    if runner_up is not None:
+        if not isinstance(runner_up, dict):
+            raise ValueError(f"{where}: runner_up: expected an object with a 'config'; got {runner_up!r:.80}")
+        _check_config(runner_up.get("config"), block_m, kernel, f"{where}: runner_up")
+        if "ms" in runner_up and not _positive_number(runner_up["ms"]):
+            raise ValueError(f"{where}: runner_up: ms {runner_up['ms']!r}: expected a finite number of milliseconds > 0")
+
+
+def _check_bucket(b, where: str) -> None:
+    """Every field of one bucket; `where` names the file and the bucket."""
+    if not isinstance(b, dict):
+        raise ValueError(f"{where}: expected an object with {BUCKET_KEYS}; got {type(b).__name__} {b!r:.40}")
+    missing = [k for k in BUCKET_KEYS if k not in b]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    if b["dtype"] not in TABLE_DTYPES:
+        raise ValueError(f"{where}: dtype {b['dtype']!r}: expected one of {TABLE_DTYPES}")
+    for key in ("d_model", "d_expert"):
+        if not _positive_int(b[key]):
+            raise ValueError(f"{where}: {key} {b[key]!r}: expected an integer >= 1")
+    if not _positive_number(b["rows_per_expert"]):
+        raise ValueError(f"{where}: rows_per_expert {b['rows_per_expert']!r}: expected a finite number > 0")
+    bm = b["block_m"]
+    if not isinstance(bm, dict) or set(bm) != {"forward", "training"}:
+        raise ValueError(f"{where}: block_m must be {{'forward': ..., 'training': ...}}; got {bm!r:.80}")
+    for purpose, m in bm.items():
+        if not _power_of_two(m):
+            raise ValueError(f"{where}: block_m {m!r} ({purpose}): expected an integer power of two in 1..{MAX_BLOCK} "
+                             f"(the layout's row block)")
+    kernels = b["kernels"]
+    if not isinstance(kernels, dict):
+        raise ValueError(f"{where}: kernels must be an object {{block_m: {{kernel: entry}}}}; got "
+                         f"{type(kernels).__name__}")
+    for key, per_kernel in kernels.items():
+        if not (key.isdigit() and _power_of_two(int(key))):
+            raise ValueError(f"{where}: kernels: key {key!r}: expected a block_m, a power of two in 1..{MAX_BLOCK}")
+        if not isinstance(per_kernel, dict):
+            raise ValueError(f"{where}: kernels at block_m {key}: expected an object {{kernel: entry}}; got "
+                             f"{type(per_kernel).__name__}")
+        for k, entry in per_kernel.items():  # every entry, also those choose() reaches only with a forced block_m
+            _check_entry(entry, int(key), k, where)
+    for purpose, m in bm.items():
+        per_kernel = kernels.get(str(m))
+        wanted = FORWARD_KERNELS if purpose == "forward" else KERNELS
+        if per_kernel is None or any(k not in per_kernel for k in wanted):
+            raise ValueError(f"{where}: block_m {m} ({purpose}) lacks configurations of {wanted}")
+
+
 def validate_table(table: dict, where: str = "table") -> None:
-    """Raise ValueError naming what is missing or malformed in a configuration table."""
+    """Raise ValueError naming what is missing or malformed in a configuration table: the file
+    (`where`), the bucket, the layout's block_m and the kernel."""
     if not isinstance(table, dict):
         raise ValueError(f"{where}: a configuration table is a JSON object; got {type(table).__name__}")
     missing = [k for k in TABLE_KEYS if k not in table]
@@ -322,25 +413,7 @@ def validate_table(table: dict, where: str = "table") -> None:
     if not isinstance(table["buckets"], list):
         raise ValueError(f"{where}: 'buckets' must be a list")
     for i, b in enumerate(table["buckets"]):
-        missing = [k for k in BUCKET_KEYS if k not in b]
-        if missing:
-            raise ValueError(f"{where}: bucket {i} lacks {missing}")
-        bm = b["block_m"]
-        if not isinstance(bm, dict) or set(bm) != {"forward", "training"}:
-            raise ValueError(f"{where}: bucket {i}: block_m must be {{'forward': ..., 'training': ...}}")
-        for purpose, m in bm.items():
-            per_kernel = b["kernels"].get(str(m))
-            wanted = FORWARD_KERNELS if purpose == "forward" else KERNELS
-            if per_kernel is None or any(k not in per_kernel for k in wanted):
-                raise ValueError(f"{where}: bucket {i}: block_m {m} ({purpose}) lacks configurations of {wanted}")
-            for k in wanted:
-                entry = per_kernel[k]
-                try:
-                    cfg = KernelConfig.from_dict(entry["config"])
-                except (KeyError, TypeError, ValueError) as err:
-                    raise ValueError(f"{where}: bucket {i}: {k}: bad config: {err}") from None
-                if k in ROW_KERNELS and cfg.BLOCK_M != m:
-                    raise ValueError(f"{where}: bucket {i}: {k}'s BLOCK_M {cfg.BLOCK_M} is not the layout's {m}")
+        _check_bucket(b, f"{where}: bucket {i}")
 
 
 def table_path(device_slug: str) -> Path:
@@ -348,13 +421,27 @@ def table_path(device_slug: str) -> Path:
 
 
 @lru_cache(maxsize=None)
-def load_table(path: str) -> Optional[dict]:
-    """The table at `path` (validated), or None when there is no file. Cached per path."""
+def load_table(path: str, required: bool = False) -> Optional[dict]:
+    """The table at `path` (validated), or None when there is no file (an error instead when
+    `required`: a table named on purpose). Cached per path."""
     p = Path(path)
+    named = f"MOE_LAB_KERNEL_TABLE={path}" if required else str(p)
     if not p.exists():
-        return None
+        if not required:
+            return None
+        why = "a symbolic link that leads nowhere (or in a loop)" if p.is_symlink() else "no file there"
+        raise ValueError(f"{named}: {why}; expected the path of a kernel table (JSON written by "
+                         f"`python -m moe_lab tune`), or unset it to use the device's own")
+    if p.is_dir():
+        raise ValueError(f"{named}: is a folder; expected the path of a kernel table file")
     try:
-        table = json.loads(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{named}: not a JSON text (its bytes are not UTF-8): not a kernel table") from None
+    except OSError as err:
+        raise ValueError(f"{named}: cannot be read ({err.strerror or err})") from None
+    try:
+        table = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{p}: not valid JSON ({err}); re-run `python -m moe_lab tune` or delete the file") from None
     validate_table(table, str(p))
@@ -363,9 +450,12 @@ def load_table(path: str) -> Optional[dict]:
 
 def table_for(device_name: str) -> Optional[dict]:
     """The tuned table of a device by its name (torch.cuda.get_device_name), or None. The environment
-    variable MOE_LAB_KERNEL_TABLE names another file (to try a table, or a fake device's in tests)."""
+    variable MOE_LAB_KERNEL_TABLE names another file (to try a table, or a fake device's in tests):
+    named on purpose, a file that cannot be read there is an error, never a silent fallback."""
     override = kernel_table_override()
-    return load_table(override or str(table_path(slugify(device_name))))
+    if override:
+        return load_table(override, required=True)
+    return load_table(str(table_path(slugify(device_name))))
 
 
 def _log_distance(a: float, b: float) -> float:

@@ -29,7 +29,7 @@ import triton  # noqa: E402  (after moe_lab.kernels: it decides whether kernels 
 import triton.language as tl  # noqa: E402
 
 from moe_lab.core.cost import max_padded_rows  # noqa: E402
-from moe_lab.kernels.moe_routing import MoEAlignment  # noqa: E402
+from moe_lab.kernels.moe_routing import MoEAlignment, check_block_m  # noqa: E402
 
 MAX_ASSIGNMENTS = 4096
 MAX_EXPERTS = 1023
@@ -93,8 +93,9 @@ def moe_align_triton(expert_idx: Tensor, n_experts: int, block_m: int) -> MoEAli
     MAX_EXPERTS experts (a ValueError beyond). Same layout, same dtypes."""
     if expert_idx.dim() != 2:
         raise ValueError(f"expert_idx must be (tokens, top_k); got shape {tuple(expert_idx.shape)}")
-    if n_experts < 1 or block_m < 1:
-        raise ValueError(f"n_experts and block_m must be >= 1; got {n_experts} and {block_m}")
+    check_block_m(block_m)
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be >= 1; got {n_experts}")
     T, top_k = expert_idx.shape
     A = T * top_k
     if A > MAX_ASSIGNMENTS or n_experts > MAX_EXPERTS:

@@ -60,6 +60,14 @@ class MoEAlignment:
         return self.block_expert.numel()
 
 
+def check_block_m(block_m) -> None:
+    """The layout's row block is the kernels' BLOCK_M (tl.arange needs a power of two): refuse any other
+    value here, with its name, rather than deep inside Triton."""
+    if not isinstance(block_m, int) or isinstance(block_m, bool) or block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_m={block_m!r}: expected an integer power of two >= 1 (1, 2, 4, ..., 16, 32, ...): "
+                         f"it is the kernels' BLOCK_M")
+
+
 def moe_align(expert_idx: Tensor, n_experts: int, block_m: int) -> MoEAlignment:
     """Sort assignments by expert and pad each expert's rows to a multiple of block_m (torch ops, on
     expert_idx's device, no host synchronisation). expert_idx (T, top_k) holds experts in
@@ -68,8 +76,7 @@ def moe_align(expert_idx: Tensor, n_experts: int, block_m: int) -> MoEAlignment:
         raise ValueError(f"expert_idx must be (tokens, top_k); got shape {tuple(expert_idx.shape)}")
     if n_experts < 1:
         raise ValueError(f"n_experts must be >= 1; got {n_experts}")
-    if block_m < 1:
-        raise ValueError(f"block_m must be >= 1; got {block_m}")
+    check_block_m(block_m)
     T, top_k = expert_idx.shape
     A = T * top_k
     dev = expert_idx.device

@@ -11,26 +11,33 @@ metadata (`format`, `config`, `extra`), so any safetensors reader shows them.
 
 Saved atomically: the bytes go to a temporary file beside the target, flushed to disk, then renamed
 over it, so a crash leaves the old checkpoint whole and never half a new one. The file gets the
-usual permissions (0666 less the umask, like any file you write), not a temporary file's 0600.
+usual permissions (0666 less the umask, like any file you write), not a temporary file's 0600. A
+save killed outright (SIGKILL) leaves its hidden temporary file `.<name>.<pid>.<hex>.tmp`; the next
+save to that path removes it (core.files.remove_stale_temporaries).
 
-The loader names the path and the cause of every failure: a missing, empty, truncated or foreign file.
+Loaded whole or not at all: a read opens the file once (a save renamed over the path meanwhile cannot
+mix two saves), the config must name every field the model needs (no silent defaults), every tensor
+must be floating point, and the loader names the path and the cause of every failure: a missing,
+empty, truncated or foreign file, malformed metadata of any shape.
 It still reads the course's earlier format, a torch `.pt` (format moe-lab-checkpoint-v1, loaded with
 `weights_only=True`, which refuses pickled code), so a checkpoint saved before still loads.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import pickle
 import struct
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from moe_lab.core import paths
-from moe_lab.core.config import ModelConfig
+from moe_lab.core.config import ModelConfig, MoEConfig
 from moe_lab.core.files import OutputPathError, atomic_write_bytes, check_output_path
 from moe_lab.model.transformer import Transformer
 
@@ -105,8 +112,91 @@ def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, extra: Optio
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-def _safetensors_header(path: Path, size: int, head: bytes) -> dict:
-    """The JSON header of a safetensors file, checked against the file's size, or a CheckpointError."""
+# A model's weights are floating point: these are the safetensors dtypes a checkpoint may hold.
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Fields that came after the first checkpoints were saved, with the value that gives the model those
+# checkpoints were saved from (multi-head attention); the latent-attention widths only matter for "mla".
+LATER_FIELDS = {"attention": "mha"}
+MLA_FIELDS = ("kv_rank", "q_rank", "rope_dim")
+
+
+def missing_fields(config: dict) -> list[str]:
+    """The fields of ModelConfig (and moe.x of MoEConfig) a saved config lacks that the model needs.
+
+    Every field is needed (a default would silently give another model: the logits of a checkpoint
+    saved with rope_theta=5e5 differ when it loads with 1e4), except those added after checkpoints
+    were first written (LATER_FIELDS), whose absence means what they mean for those checkpoints."""
+    optional = set(LATER_FIELDS)
+    if config.get("attention", LATER_FIELDS["attention"]) != "mla":
+        optional |= set(MLA_FIELDS)
+    missing = [f.name for f in fields(ModelConfig) if f.name not in config and f.name not in optional]
+    if isinstance(config.get("moe"), dict):
+        missing += [f"moe.{f.name}" for f in fields(MoEConfig) if f.name not in config["moe"]]
+    return missing
+
+
+def _json_object(path: Path, meta: dict, key: str, default: str) -> dict:
+    """json.loads(meta[key]) as a dict (str keys), or a CheckpointError naming the key."""
+    raw = meta.get(key, default)
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"its metadata's {key!r} is not JSON text ({exc})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(path, f"its metadata's {key!r} is a JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _tensor_entries(path: Path, header: dict, data_bytes: int) -> dict:
+    """{name: (torch dtype, shape, begin, end)} of a safetensors header, each entry checked, or a
+    CheckpointError naming the tensor and what is wrong with it."""
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(path, f"{where}: its header entry is a {type(info).__name__}, expected an object "
+                                        f"with dtype, shape and data_offsets")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+        if missing:
+            raise CheckpointError(path, f"{where}: its header entry lacks {', '.join(missing)}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str):
+            raise CheckpointError(path, f"{where}: dtype {dtype!r} is not a safetensors dtype name")
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(path, f"{where} has dtype {dtype}: a model's weights are floating point, expected "
+                                        f"one of {', '.join(FLOAT_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(path, f"{where}: shape {shape!r} is not a list of sizes >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(path, f"{where}: data_offsets {offsets!r} is not [begin, end], two integers "
+                                        f"with 0 <= begin <= end")
+        begin, end = offsets
+        nbytes = math.prod(shape) * FLOAT_DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(path, f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but its "
+                                        f"data_offsets {offsets} hold {end - begin}")
+        if end > data_bytes:
+            raise CheckpointError(path, f"truncated: {where} ends at byte {end} of the tensor data, but the file "
+                                        f"holds {data_bytes} bytes of it (an interrupted copy or download?)")
+        entries[name] = (FLOAT_DTYPES[dtype], shape, begin, end)
+    spans = sorted((b, e, n) for n, (_, _, b, e) in entries.items() if e > b)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(path, f"tensors {n0!r} and {n1!r} overlap in the file (data_offsets "
+                                        f"[{b0}, {e0}] and [{b1}, {e1}])")
+    return entries
+
+
+def _read_safetensors(path: Path, f, size: int, head: bytes) -> tuple[dict, dict, dict]:
+    """(config, extra, state) from the open file f: header and tensors from this one file, whatever
+    is renamed over the path meanwhile."""
     if size < 8:
         raise CheckpointError(path, f"only {size} bytes: truncated, or not a checkpoint (a safetensors file starts "
                                     f"with an 8-byte header length)")
@@ -116,9 +206,8 @@ def _safetensors_header(path: Path, size: int, head: bytes) -> dict:
     if 8 + n > size:
         raise CheckpointError(path, f"truncated: its header says {n} bytes of JSON follow the first 8, but the file "
                                     f"has {size} bytes in all")
-    with open(path, "rb") as f:
-        f.seek(8)
-        raw = f.read(n)
+    f.seek(8)
+    raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -126,42 +215,50 @@ def _safetensors_header(path: Path, size: int, head: bytes) -> dict:
                                     f"{head[:16]!r})") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "not a safetensors checkpoint: its header is not a JSON object")
-    ends = [int(v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
-    need = 8 + n + max(ends, default=0)
-    if need > size:
-        raise CheckpointError(path, f"truncated: its tensors need {need} bytes but the file has {size} (an "
-                                    f"interrupted copy or download?)")
-    return header
-
-
-def _read_safetensors(path: Path, size: int, head: bytes) -> tuple[dict, dict, dict]:
-    from safetensors.torch import load_file
-
-    meta = _safetensors_header(path, size, head).get("__metadata__") or {}
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise CheckpointError(path, f"its header's __metadata__ is a {type(meta).__name__}, expected an object of "
+                                    f"strings (format, config, extra, aliases)")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise CheckpointError(path, f"its header's __metadata__[{key!r}] is a {type(value).__name__}, expected a "
+                                        f"string (safetensors metadata holds strings only)")
+    entries = _tensor_entries(path, header, size - 8 - n)
     if meta.get("format") != FORMAT:
         raise CheckpointError(path, f"a safetensors file but not a moe-lab checkpoint: its metadata has "
                                     f"format={meta.get('format')!r}, expected {FORMAT!r} (metadata keys: "
                                     f"{sorted(meta)})")
-    try:
-        config, extra = json.loads(meta["config"]), json.loads(meta.get("extra", "{}"))
-        aliases = json.loads(meta.get("aliases", "{}"))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"its metadata lacks a readable config: {exc!r}") from None
-    try:
-        state = load_file(path)
-    except Exception as exc:  # noqa: BLE001 - safetensors' own error, named with the path
-        raise CheckpointError(path, f"safetensors could not read its tensors: {exc}") from exc
+    if "config" not in meta:
+        raise CheckpointError(path, "its metadata lacks the model's config")
+    config = _json_object(path, meta, "config", "{}")
+    extra = _json_object(path, meta, "extra", "{}")
+    aliases = _json_object(path, meta, "aliases", "{}")
+    for name, target in aliases.items():
+        if not isinstance(target, str) or target not in entries:
+            raise CheckpointError(path, f"its metadata's 'aliases' maps {name!r} to {target!r}, which is not a "
+                                        f"tensor of the file")
+    state = {}
+    if entries:
+        # one read of the data through the same file handle; tensors are copied out of it
+        f.seek(8 + n)
+        data = bytearray(size - 8 - n)
+        got = f.readinto(data)
+        if got != len(data):
+            raise CheckpointError(path, f"truncated: read {got} bytes of tensor data, expected {len(data)}")
+        for name, (dtype, shape, begin, end) in entries.items():
+            t = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin) if end > begin \
+                else torch.empty(0, dtype=dtype)
+            state[name] = t.reshape(shape).clone()
+        del data
     for name, target in aliases.items():  # tied weights were stored once
-        if target in state:
-            state[name] = state[target]
+        state[name] = state[target]
     return config, extra, state
 
 
-def _read_legacy(path: Path) -> tuple[dict, dict, dict]:
+def _read_legacy(path: Path, f) -> tuple[dict, dict, dict]:
     try:
-        with open(path, "rb") as f:  # a file object: torch reads it by content, whatever its name
-            payload = torch.load(f, map_location="cpu", weights_only=True)
+        f.seek(0)  # a file object: torch reads it by content, whatever its name
+        payload = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(path, "refused: it holds pickled objects other than tensors and numbers, which could "
                                     "run code; moe_lab never loads such a file (weights_only=True)") from exc
@@ -173,9 +270,17 @@ def _read_legacy(path: Path) -> tuple[dict, dict, dict]:
         raise CheckpointError(path, f"a torch file but not a moe-lab checkpoint (format {fmt!r}, expected "
                                     f"{LEGACY_FORMAT!r} or a {SUFFIX} file)")
     try:
-        return json.loads(payload["config"]), json.loads(payload["extra"]), payload["model"]
+        config, extra, state = json.loads(payload["config"]), json.loads(payload["extra"]), payload["model"]
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(path, f"a moe-lab {LEGACY_SUFFIX} checkpoint with a damaged entry: {exc!r}") from None
+    for key, value in (("config", config), ("extra", extra), ("model", state)):
+        if not isinstance(value, dict):
+            raise CheckpointError(path, f"its {key!r} is a {type(value).__name__}, expected a dict")
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(path, f"tensor {name!r} is {what}: a model's weights are floating point")
+    return config, extra, state
 
 
 def read_checkpoint(path: Union[str, Path]) -> tuple[ModelConfig, dict, dict]:
@@ -183,6 +288,8 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[ModelConfig, dict, dict]:
 
     Reads the safetensors format and the earlier torch .pt one, whatever the file is called: the
     first bytes decide (a .pt is a zip archive or a pickle; safetensors starts with its header's length).
+    The file is opened once: its size, header and tensors all come from that one handle, so a save
+    renamed over the path meanwhile can never mix one save's config with another's tensors.
     """
     path = Path(path)
     if not path.exists():
@@ -190,19 +297,23 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[ModelConfig, dict, dict]:
         raise FileNotFoundError(f"no checkpoint at {path}" + (f" (but {other[0]} is there)" if other else ""))
     if path.is_dir():
         raise CheckpointError(path, "is a folder, not a checkpoint file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(path, "the file is empty (0 bytes): an interrupted save, copy or download?")
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CheckpointError(path, "the file is empty (0 bytes): an interrupted save, copy or download?")
         head = f.read(16)
-    # safetensors: an 8-byte little-endian header length, then a JSON object. Asked first: the length's
-    # low byte can be 0x80, the first byte of an old pickle.
-    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
-    looks_safetensors = head[8:9] == b"{" and 0 < n <= size - 8
-    if not looks_safetensors and (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save
-        config, extra, state = _read_legacy(path)
-    else:
-        config, extra, state = _read_safetensors(path, size, head)
+        # safetensors: an 8-byte little-endian header length, then a JSON object. Asked first: the length's
+        # low byte can be 0x80, the first byte of an old pickle.
+        n = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+        looks_safetensors = head[8:9] == b"{" and 0 < n <= size - 8
+        if not looks_safetensors and (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save
+            config, extra, state = _read_legacy(path, f)
+        else:
+            config, extra, state = _read_safetensors(path, f, size, head)
+    missing = missing_fields(config)
+    if missing:
+        raise CheckpointError(path, f"its config lacks {', '.join(missing)}: a checkpoint must name every field of "
+                                    f"the model it holds (a default could be another model)")
     try:
         cfg = ModelConfig.from_dict(config)
     except ValueError as exc:

@@ -128,7 +128,7 @@ def test_a_valid_table_passes_and_each_defect_is_named():
         (lambda t: t.update(schema=99), "schema 99"),
         (lambda t: t["buckets"][0].pop("rows_per_expert"), "bucket 0 lacks"),
         (lambda t: t["buckets"][1]["block_m"].update(training=32), "block_m 32 \\(training\\) lacks"),
-        (lambda t: t["buckets"][1]["kernels"]["64"]["up"]["config"].update(BLOCK_M=32), "not the layout's 64"),
+        (lambda t: t["buckets"][1]["kernels"]["64"]["up"]["config"].update(BLOCK_M=32), "BLOCK_M 32 is not the layout's block_m 64"),
         (lambda t: t["buckets"][2]["kernels"]["32"]["down"]["config"].update(num_warps=5), "down: bad config"),
     ]:
         broken = copy.deepcopy(table)

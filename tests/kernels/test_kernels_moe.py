@@ -121,7 +121,8 @@ def test_moe_align_example_of_the_docstring():
 @pytest.mark.parametrize("bad, message", [
     (dict(expert_idx=torch.zeros(3, dtype=torch.long)), "expert_idx must be"),
     (dict(n_experts=0), "n_experts must be"),
-    (dict(block_m=0), "block_m must be"),
+    (dict(block_m=0), "block_m=0: expected an integer power of two"),
+    (dict(block_m=6), "block_m=6: expected an integer power of two"),
 ])
 def test_moe_align_rejects_bad_arguments(bad, message):
     args = dict(expert_idx=torch.zeros(3, 2, dtype=torch.long), n_experts=2, block_m=4) | bad
