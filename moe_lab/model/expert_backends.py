@@ -42,6 +42,7 @@ class ExpertBackend:
     is_function: bool = True  # False for 'ep': a module swapped into the layer, not a function to call
     python_loop: bool = False  # loops over experts in Python: its time grows with E, not with the work
     capturable: bool = False  # no host synchronisation: a call can be captured in a CUDA graph
+    cpu_interpreted: bool = False  # on a CPU it runs through an interpreter: timing it there times Python
 
 
 def _always(device, dtype) -> Optional[str]:
@@ -116,7 +117,8 @@ register(ExpertBackend("sorted", "permute once, one matmul per expert", lambda: 
                        python_loop=True))
 register(ExpertBackend("grouped_mm", "the sorted layout on torch._grouped_mm", lambda: X.experts_grouped_mm,
                        _grouped_mm_why_not))
-register(ExpertBackend("triton", "the Triton kernels of notebook 06", _load_triton, _triton_why_not, capturable=True))
+register(ExpertBackend("triton", "the Triton kernels of notebook 06", _load_triton, _triton_why_not, capturable=True,
+                       cpu_interpreted=True))
 register(ExpertBackend("ep", "experts sharded over processes (notebook 09)", _load_ep, _ep_why_not, is_function=False))
 
 
