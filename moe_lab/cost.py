@@ -176,6 +176,9 @@ INTERMEDIATE_TRAFFIC = {
     "sorted": {"forward": (9, 8, 2, 0), "backward": (16, 15, 2, 0)},
     # as sorted without the torch.cat (the grouped matmul writes one (N, d) output)
     "grouped_mm": {"forward": (7, 8, 2, 0), "backward": (16, 15, 2, 0)},
+    # as grouped_mm, counted at perfect balance (padding adds (max load / mean load - 1) of every
+    # N-sized term), plus the gate-and-up weights concatenated per call (weights, not counted here)
+    "padded": {"forward": (7, 8, 2, 0), "backward": (16, 15, 2, 0)},
     # as grouped_mm, but y = y.index_add(...) copies all of y once per active expert (2Td each),
     # and the backward of x[token] accumulates a (T, d) gradient per active expert (4Td each).
     "reference": {"forward": (7, 8, 1, 2), "backward": (16, 15, 0, 4)},
