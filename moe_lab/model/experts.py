@@ -144,16 +144,23 @@ def padded_layout(expert_idx: Tensor, n_experts: int) -> tuple[Tensor, Tensor, i
     return slot, token_of[:-1], C
 
 
+PADDED_MAX_ROWS = 1.5  # `padded` pads at most to this many times the routed rows, else runs `sorted`
+
+
 def experts_padded(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
     """Every expert's rows padded to the busiest expert's count: one gather, the gate and up projections
     of all experts as one batched matmul, the down projection as another, one scatter. Padding costs
     FLOPs in proportion to the imbalance (max load / mean load), never a wrong value: a padding row
-    carries routing weight 0, so it adds 0 to the output and to every gradient."""
+    carries routing weight 0, so it adds 0 to the output and to every gradient. Where the padded rows
+    would exceed PADDED_MAX_ROWS times the routed ones (a badly balanced layer: the padding would cost
+    more than the per-expert launches it saves), it runs `experts_sorted` instead."""
     check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
     E, d, f = w1.shape
     slot, token_of, C = padded_layout(expert_idx, E)
     if C == 0:
         return torch.zeros_like(x)
+    if E * C > PADDED_MAX_ROWS * max(int((expert_idx >= 0).sum()), 1):
+        return experts_sorted(x, expert_idx, weights, w1, w3, w2)
     w_row = x.new_zeros(E * C + 1).index_copy(0, slot, weights.reshape(-1).to(x.dtype))[:-1]  # (E*C,)
     xs = x[token_of].view(E, C, d)  # (E, C, d): the one gather
     a1, a3 = torch.bmm(xs, torch.cat([w1, w3], dim=2)).chunk(2, dim=-1)  # (E, C, 2f) -> 2 x (E, C, f)
