@@ -18,6 +18,7 @@ at least 3 steps, and the record says how many it timed.
     python -m moe_lab.cpu_bench                              # the whole grid (a few minutes on 2 cores)
     python -m moe_lab.cpu_bench --threads 1 --policies PASSIVE --no-pairs --steps 10
     python -m moe_lab.cpu_bench --out runs/cpu.json --note "under the shared CPU lock"
+    python -m moe_lab.cpu_bench --table data/bench/cpu/<cpu>.json   # the README's table of a record
 
 The record (default data/bench/cpu/<cpu>.json, written atomically) carries the CPU model and its
 cores, the torch version, the date, the command, the git commit when there is one, and every row:
@@ -246,6 +247,23 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(record: dict) -> str:
+    """The README's table, read from a record: per thread count and wait policy, each model's median ms
+    alone (and over the dense model's), and with two processes at once (and over alone)."""
+    head = ("| threads | OpenMP wait policy | model | ms per step, alone | x dense | ms per step, two processes at once "
+            "| x alone |\n|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in record["summary"]:
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        pol = "PASSIVE" if r["policy"] == "PASSIVE" else "default (spin, then sleep)"
+        lines.append(f"| {r['threads']} | {pol} | {r['model']} | {f(r['alone_ms'], '.1f')} | {f(r.get('over_dense'), '.2f')} "
+                     f"| {f(r['pair_ms'], '.1f')} | {f(r.get('pair_over_alone'), '.2f')} |")
+    m = record["machine"]
+    lines.append(f"\n{m['cpu']} ({m['cores']} cores), torch {record['torch']}, {record['date'][:10]}, commit "
+                 f"{record.get('commit')}; `{record['command']}`" + (f"; {record['note']}" if record.get("note") else ""))
+    return "\n".join(lines)
+
+
 def _csv(text: str, kind, what: str, allowed=None) -> list:
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
@@ -277,7 +295,11 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                     "seconds, with at least 3 steps (default 20: a stalled case cannot run for hours)")
     ap.add_argument("--out", default=None, help="the JSON record (default data/bench/cpu/<cpu>.json)")
     ap.add_argument("--note", default="", help="the conditions, said in the record (e.g. 'under the shared CPU lock')")
+    ap.add_argument("--table", metavar="RECORD", default=None, help="print the README's markdown table of a record "
+                    "and exit (measures nothing)")
     args = ap.parse_args(argv)
+    if args.table:
+        return args
     try:
         args.threads = _csv(args.threads, int, "--threads")
         args.policies = _csv(args.policies, str, "--policies", POLICIES)
@@ -302,6 +324,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        try:
+            print(markdown_table(json.loads(Path(args.table).read_text())))
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"--table {args.table!r}: not a cpu_bench record ({exc!r})") from None
+        return 0
     import torch
 
     from moe_lab.model import expert_backends as B

@@ -58,6 +58,9 @@ def test_the_record_holds_machine_versions_command_and_rows(tmp_path):
                                                                                 ("dense", 1, "PASSIVE")]
     (moe_row,) = [s for s in rec["summary"] if s["model"] == "sorted"]
     assert moe_row["over_dense"] == pytest.approx(rec["rows"][0]["ms"][0] / rec["rows"][1]["ms"][0], abs=0.01)
+    table = cpu_bench.markdown_table(rec)
+    assert f"| 1 | PASSIVE | sorted | {rec['rows'][0]['ms'][0]:.1f} | {moe_row['over_dense']:.2f} | - | - |" in table
+    assert rec["command"] in table and "a test" in table
 
 
 def test_summary_reads_alone_pairs_and_ratios():
