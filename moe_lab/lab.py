@@ -16,14 +16,15 @@ What `python -m moe_lab.lab` (the command behind `make lab`) does, and why:
    loads its OpenMP library, so it must be in the environment before `import torch`: the lab sets
    it for its kernels, `import moe_lab` sets it too (if torch is not imported yet) and
    `runtime.setup()` warns when it came too late. `python -m moe_lab.lab --contention` measures
-   the effect (training steps, alone and two processes at once, with and without the policy).
+   the effect (training steps, alone and two processes at once, with and without the policy) with
+   `moe_lab.cpu_bench`, which measures it for every back-end and thread count too.
 3. **No news prompt.** A fresh JupyterLab asks whether to fetch news from the internet; the lab
    answers "no" once in this environment's settings (`share/jupyter/lab/settings/overrides.json`).
 
 Command line:
     python -m moe_lab.lab [jupyter lab flags]      # what `make lab LAB_ARGS=...` runs
     python -m moe_lab.lab --prepare-only           # make the working copies, start nothing
-    python -m moe_lab.lab --contention [--steps N] [--repeats R]  # the benchmark of point 2
+    python -m moe_lab.lab --contention [--steps N]  # the benchmark of point 2 (moe_lab.cpu_bench)
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -127,83 +127,25 @@ def describe(report: dict, workspace: Path) -> str:
     return "\n".join(lines)
 
 
-# ---- the contention benchmark -----------------------------------------------------------------
-# torch is imported FIRST, before moe_lab (whose import would set OMP_WAIT_POLICY): the child runs
-# with exactly the wait policy its environment gives it.
-_STEP_CHILD = """
-import sys, time, torch
-from moe_lab.config import preset
-from moe_lab.data import batch_fn, course_mixture
-from moe_lab.model import Transformer
-from moe_lab.train import make_optimizer
-steps = int(sys.argv[1])
-p = preset("cpu")
-torch.manual_seed(0)
-model = Transformer(p.moe)
-opt = make_optimizer(model, p.train)
-batches = batch_fn(course_mixture(), p.train.batch_size, p.train.seq_len, seed=0)
-times = []
-for i in range(steps + 3):
-    x, y, mask = batches("train")[:3]
-    t0 = time.perf_counter()
-    loss = model(x, y, mask)[1]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    times.append(time.perf_counter() - t0)
-times = sorted(times[3:])
-print(1000 * times[len(times) // 2])
-"""
+# ---- the contention benchmark: now part of `python -m moe_lab.cpu_bench` -------------------------
+def contention_argv(steps: int = 20, out: Optional[str] = None) -> list[str]:
+    """cpu_bench's arguments for what `--contention` measured: the cpu preset's MoE (its own back-end)
+    with torch's default thread count, each wait policy, one process alone and two at once."""
+    import torch
 
+    from moe_lab.config import preset
 
-def _run_children(n: int, steps: int, policy: Optional[str]) -> list[float]:
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
-    procs = [subprocess.Popen([sys.executable, "-c", _STEP_CHILD, str(steps)], env=env, stdout=subprocess.PIPE,
-                              text=True) for _ in range(n)]
-    out = []
-    for proc in procs:
-        stdout, _ = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"contention child exited with {proc.returncode}")
-        out.append(float(stdout.strip().splitlines()[-1]))
-    return out
-
-
-def contention_benchmark(steps: int = 20, policies=(None, "PASSIVE"), repeats: int = 1) -> list[dict]:
-    """Median ms per training step of the cpu preset's MoE, one process alone and two at once, for
-    each OpenMP wait policy (None = the library's default); the whole grid `repeats` times, so that
-    a disturbance shows as disagreement between repeats."""
-    rows = []
-    for policy in [p for _ in range(repeats) for p in policies]:
-        for n in (1, 2):
-            t0 = time.perf_counter()
-            ms = _run_children(n, steps, policy)
-            rows.append({"OMP_WAIT_POLICY": policy or "(unset)", "processes": n, "ms_per_step": ms,
-                         "wall_s": round(time.perf_counter() - t0, 1)})
-    return rows
+    return ["--threads", str(torch.get_num_threads()), "--models", preset("cpu").moe.moe.backend,
+            "--steps", str(steps), "--out", out or str(ROOT / "runs" / "contention.json")]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--contention" in argv:
-        steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 20
-        repeats = int(argv[argv.index("--repeats") + 1]) if "--repeats" in argv else 1
-        import torch
+    if "--contention" in argv:  # the benchmark of point 2, measured by moe_lab.cpu_bench
+        from moe_lab import cpu_bench
 
-        rows = contention_benchmark(steps, repeats=repeats)
-        print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads per process")
-        for r in rows:
-            print(f"OMP_WAIT_POLICY={r['OMP_WAIT_POLICY']:<9} {r['processes']} process(es) at once: "
-                  + ", ".join(f"{ms:.0f}" for ms in r["ms_per_step"]) + " ms per step")
-        out = ROOT / "runs" / "contention.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"cpus": os.cpu_count(), "torch": torch.__version__, "steps": steps, "rows": rows},
-                                  indent=1) + "\n")
-        print(f"written to {out}")
-        return 0
+        steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 20
+        return cpu_bench.main(contention_argv(steps))
     workspace = NOTEBOOKS / WORKSPACE_NAME
     report = prepare_workspace(NOTEBOOKS, workspace)
     print(describe(report, workspace))
