@@ -141,12 +141,18 @@ def run_case(models: list[str], threads: int, policy: str, processes: int, prese
             procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], env=child_env(threads, policy),
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
         outs = []
-        for proc in procs:
-            stdout, stderr = proc.communicate()
-            if proc.returncode:
-                raise RuntimeError(f"measuring process (threads={threads}, policy={policy}) exited with "
-                                   f"{proc.returncode}: {stderr.strip()[-600:]}")
-            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+        try:
+            for proc in procs:
+                stdout, stderr = proc.communicate()
+                if proc.returncode:
+                    raise RuntimeError(f"measuring process (threads={threads}, policy={policy}) exited with "
+                                       f"{proc.returncode}: {stderr.strip()[-600:]}")
+                outs.append(json.loads(stdout.strip().splitlines()[-1]))
+        finally:  # stopped or failed: no measuring process outlives the bench
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     rows = []
     for name in models:
         per = [o["models"][name] for o in outs]
