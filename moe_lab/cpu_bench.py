@@ -226,20 +226,26 @@ def git_commit() -> Optional[str]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (threads, policy): each model's ms alone and with two processes at once (mean of the two),
-    the pair's slow-down, and each back-end's time over the dense model's."""
+    """Per (threads, policy): each model's ms alone and with two processes at once (the mean of the
+    two), the pair's slow-down, and each back-end's time over the dense model's. With repeats (rows
+    with a "repeat" number), the lowest of the repeats' figures (on a shared machine, the least
+    disturbed) and all of them ("alone_runs", "pair_runs") to show the spread."""
     out = []
     keys = sorted({(r["threads"], r["policy"]) for r in rows}, key=lambda k: (k[0], POLICIES.index(k[1])))
     for t, pol in keys:
-        alone = {r["model"]: r["ms"][0] for r in rows if (r["threads"], r["policy"], r["processes"]) == (t, pol, 1)}
-        pair = {r["model"]: sum(r["ms"]) / len(r["ms"]) for r in rows
-                if (r["threads"], r["policy"]) == (t, pol) and r["processes"] == 2}
+        alone, pair = {}, {}
+        for r in rows:
+            if (r["threads"], r["policy"]) == (t, pol):
+                runs = alone if r["processes"] == 1 else pair
+                runs.setdefault(r["model"], []).append(round(sum(r["ms"]) / len(r["ms"]), 2))
         for m in dict.fromkeys(list(alone) + list(pair)):
-            row = {"threads": t, "policy": pol, "model": m, "alone_ms": alone.get(m), "pair_ms": pair.get(m)}
-            if m in alone and m in pair:
-                row["pair_over_alone"] = round(pair[m] / alone[m], 2)
-            if m != DENSE and alone.get(DENSE) and m in alone:
-                row["over_dense"] = round(alone[m] / alone[DENSE], 2)
+            a, p = min(alone[m]) if m in alone else None, min(pair[m]) if m in pair else None
+            row = {"threads": t, "policy": pol, "model": m, "alone_ms": a, "pair_ms": p,
+                   "alone_runs": alone.get(m, []), "pair_runs": pair.get(m, [])}
+            if a and p:
+                row["pair_over_alone"] = round(p / a, 2)
+            if m != DENSE and alone.get(DENSE) and a:
+                row["over_dense"] = round(a / min(alone[DENSE]), 2)
             out.append(row)
     return out
 
@@ -299,6 +305,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     ap.add_argument("--model-budget-s", type=float, default=20.0, help="stop timing a model after this many "
                     "seconds, with at least 3 steps (default 20: a stalled case cannot run for hours)")
+    ap.add_argument("--repeats", type=int, default=1, help="run the whole grid this many times (default 1); the "
+                    "summary keeps each case's lowest figure, the least disturbed on a shared machine, and all of them")
     ap.add_argument("--out", default=None, help="the JSON record (default data/bench/cpu/<cpu>.json)")
     ap.add_argument("--note", default="", help="the conditions, said in the record (e.g. 'under the shared CPU lock')")
     ap.add_argument("--table", metavar="RECORD", default=None, help="print the README's markdown table of a record "
@@ -312,7 +320,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         args.models = _csv(args.models, str, "--models") if args.models else None
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
-    for name in ("batch", "seq", "steps"):
+    for name in ("batch", "seq", "steps", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"argument --{name}: expected a whole number >= 1; got {getattr(args, name)}")
     if min(args.threads) < 1:
@@ -360,14 +368,16 @@ def main(argv: Optional[list] = None) -> int:
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "command": f"python -m moe_lab.cpu_bench {argv_text}".strip(), "commit": git_commit(), "note": args.note,
               "what": f"moe_lab.train.train_step on the {args.preset} preset's MoE (per back-end) and its dense twin, "
-                      f"batch {args.batch} x {args.seq}, median ms of {args.steps} steps after {args.warmup} warm-up",
+                      f"batch {args.batch} x {args.seq}, median ms of {args.steps} steps after {args.warmup} warm-up, "
+                      f"the grid run {args.repeats} time(s); summary: the lowest of the repeats",
               "skipped": skipped, "partial": True, "rows": []}
-    cases = [(t, pol, n) for t in args.threads for pol in args.policies for n in ((1,) if args.no_pairs else (1, 2))]
+    cases = [(rep, t, pol, n) for rep in range(args.repeats) for t in args.threads for pol in args.policies
+             for n in ((1,) if args.no_pairs else (1, 2))]
     t_start = time.perf_counter()
-    for i, (t, pol, n) in enumerate(cases):
+    for i, (rep, t, pol, n) in enumerate(cases):
         t0 = time.perf_counter()
         rows = run_case(models, t, pol, n, args.preset, args.batch, args.seq, args.steps, args.warmup, args.model_budget_s)
-        record["rows"] += rows
+        record["rows"] += [dict(r, repeat=rep) for r in rows]
         record["summary"] = summarize(record["rows"])
         write_record(record, args.out, quiet=True)  # after every case: a run stopped from outside keeps what it measured
         print(f"[{i + 1}/{len(cases)}] threads={t} policy={pol} processes={n} ({time.perf_counter() - t0:.0f} s): "

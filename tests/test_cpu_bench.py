@@ -72,6 +72,10 @@ def test_summary_reads_alone_pairs_and_ratios():
     assert s["sorted"]["alone_ms"] == 30.0 and s["sorted"]["pair_ms"] == 36.0
     assert s["sorted"]["pair_over_alone"] == 1.2 and s["sorted"]["over_dense"] == 1.5
     assert "over_dense" not in s["dense"] and s["dense"]["pair_over_alone"] == 1.0
+    again = [dict(r, repeat=1, ms=[2 * ms for ms in r["ms"]]) for r in rows[:2]] + [dict(rows[3], repeat=1, ms=[10.0, 10.0])]
+    s = {r["model"]: r for r in cpu_bench.summarize([dict(r, repeat=0) for r in rows] + again)}
+    assert s["sorted"]["alone_runs"] == [30.0, 60.0] and s["sorted"]["alone_ms"] == 30.0  # the least disturbed run
+    assert s["dense"]["pair_runs"] == [20.0, 10.0] and s["dense"]["pair_ms"] == 10.0 and s["dense"]["pair_over_alone"] == 0.5
 
 
 def test_a_bad_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
