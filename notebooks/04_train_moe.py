@@ -26,7 +26,7 @@
 # - which tokens each expert prefers
 # - the wall-clock price of dispatching tokens to experts: the motivation for the kernels of 05–07
 #
-# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~7 min · GPU: not yet measured.
+# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~3.5 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
