@@ -33,6 +33,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -362,7 +363,7 @@ def main(argv: Optional[list] = None) -> int:
         models = args.models
     else:
         models = runnable + [DENSE]
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
     record = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": f"{platform.system()} {platform.machine()}"},
               "torch": torch.__version__, "python": platform.python_version(),
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
