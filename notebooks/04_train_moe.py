@@ -329,7 +329,9 @@ else:  # the ci preset is too short to reach the target
 # 0, same batches, same snapshot rule) and ships its snapshot: notebook 08 starts from that file, so it
 # works even if this notebook was never run. Where the file is missing (on Colab, the package comes
 # without the repository's `data/` folder), notebook 08 runs the same command itself. On the same
-# machine with the same number of threads, the shipped snapshot and yours are the same weights.
+# machine with the same number of threads, the shipped snapshot and yours are the same weights (the
+# shipped one was trained with 2 threads; `runtime.setup()` gives this notebook 1 on a CPU, so on a CPU
+# they differ by the thread count's rounding: another seed's worth of difference, not another recipe).
 # `shipped_checkpoint()` finds it (an earlier `.pt` one too). Check it is what it claims:
 
 # %%
