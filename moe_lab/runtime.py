@@ -233,16 +233,17 @@ _THREADS_SOURCE = "torch's default"  # why torch has the threads it has: said in
 def thread_policy(mode: str, device, env: Optional[dict] = None) -> tuple[Optional[int], str]:
     """(torch threads to use, or None to leave torch's own choice; the reason, for the summary line).
 
-    In order: MOE_LAB_THREADS=N; OMP_NUM_THREADS=N (torch already started with it); one thread on a
-    CPU in modes "cpu" and "ci"; else torch's default. A value that is not a whole number >= 1 is a
-    ValueError naming the variable."""
+    In order: MOE_LAB_THREADS=N; OMP_NUM_THREADS (torch started with it: left as it is); one thread
+    on a CPU in modes "cpu" and "ci"; else torch's default. A MOE_LAB_THREADS that is not a whole
+    number >= 1 is a ValueError naming it."""
     env = os.environ if env is None else env
-    for var in (THREADS_ENV, "OMP_NUM_THREADS"):
-        text = env.get(var, "").strip()
-        if text:
-            if not text.isdigit() or int(text) < 1:
-                raise ValueError(f"{var}={text!r}: expected a whole number of threads >= 1")
-            return int(text), f"{var}={int(text)}"
+    text = env.get(THREADS_ENV, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{THREADS_ENV}={text!r}: expected a whole number of threads >= 1")
+        return int(text), f"{THREADS_ENV}={int(text)}"
+    if env.get("OMP_NUM_THREADS", "").strip():  # OpenMP's own setting (e.g. "2", or "4,2" for nesting)
+        return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS'].strip()}"
     if torch.device(device).type == "cpu" and mode in ("cpu", "ci"):
         return CPU_THREADS, f"the course's CPU policy; {THREADS_ENV}=N to change"
     return None, "torch's default"

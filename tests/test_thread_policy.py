@@ -21,7 +21,8 @@ def test_gpu_mode_keeps_torchs_default():
 
 
 def test_the_environment_overrides_the_policy_moe_lab_threads_first():
-    assert runtime.thread_policy("cpu", "cpu", env={"OMP_NUM_THREADS": "2"}) == (2, "OMP_NUM_THREADS=2")
+    assert runtime.thread_policy("cpu", "cpu", env={"OMP_NUM_THREADS": "2"}) == (None, "OMP_NUM_THREADS=2")  # torch has it
+    assert runtime.thread_policy("cpu", "cpu", env={"OMP_NUM_THREADS": "4,2"}) == (None, "OMP_NUM_THREADS=4,2")
     assert runtime.thread_policy("cpu", "cpu", env={"OMP_NUM_THREADS": "2", "MOE_LAB_THREADS": "3"}) == \
         (3, "MOE_LAB_THREADS=3")
     assert runtime.thread_policy("gpu", "cuda", env={"MOE_LAB_THREADS": "4"})[0] == 4
