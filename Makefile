@@ -45,7 +45,9 @@ endif
 	@touch $(STAMP)
 	@$(BIN)/python -c "import moe_lab, torch; print('moe-lab', moe_lab.__version__, '| torch', torch.__version__)"
 
-# Kernels get OMP_WAIT_POLICY=PASSIVE (two notebooks computing at once do not stall each other).
+# Kernels get OMP_WAIT_POLICY=PASSIVE (two notebooks computing at once do not stall each other), the
+# wait policy `import moe_lab` also sets; the thread count is runtime.setup()'s (one torch thread in
+# modes cpu and ci on a CPU; MOE_LAB_THREADS=N to change: see moe_lab/core/runtime.py, thread_policy).
 lab: setup
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m moe_lab lab $(LAB_ARGS)
 

@@ -6,7 +6,9 @@ import it instead of re-pasting code. Start with `moe_lab.core.runtime.setup()`.
 Importing it sets OMP_WAIT_POLICY=PASSIVE (unless set already) while torch is not yet imported:
 torch's OpenMP threads then sleep instead of spinning while they wait, so two notebooks computing
 at once on a small machine do not stall each other (see moe_lab/commands/lab.py). The policy is read once,
-when torch loads: `runtime.setup()` says so when torch came first.
+when torch loads: `runtime.setup()` says so when torch came first. How many threads torch uses is
+decided by `runtime.setup()` (`runtime.thread_policy`: one on a CPU in modes cpu and ci, measured
+with `python -m moe_lab cpu-bench`; MOE_LAB_THREADS=N to change).
 """
 import os as _os
 import sys as _sys

@@ -21,6 +21,7 @@ COMMANDS = {
     "mla-study": ("moe_lab.studies.mla_study", "MLA against MHA at equal parameters, over seeds (notebook 10)"),
     "rl-spread": ("moe_lab.studies.rl_spread", "GRPO (and REINFORCE) from the shipped checkpoint over seeds (notebook 08)"),
     "recipe-spread": ("moe_lab.studies.recipe_spread", "the training recipe over seeds x thread counts"),
+    "cpu-bench": ("moe_lab.studies.cpu_bench", "CPU training-step times per back-end x threads x wait policy, alone and two at once"),
     "lab": ("moe_lab.commands.lab", "open JupyterLab on your working copies of the notebooks (make lab)"),
     "exercises": ("moe_lab.commands.exercises", "regenerate the learner notebooks from the solutions (make exercises)"),
     "gpu-suite": ("moe_lab.commands.gpu_suite", "every GPU test, benchmark and notebook in one call (needs CUDA)"),

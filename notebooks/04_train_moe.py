@@ -26,7 +26,7 @@
 # - which tokens each expert prefers
 # - the wall-clock price of dispatching tokens to experts: the motivation for the kernels of 05–07
 #
-# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~7 min · GPU: not yet measured.
+# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): ~3.5 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -330,7 +330,9 @@ else:  # the ci preset is too short to reach the target
 # 0, same batches, same snapshot rule) and ships its snapshot: notebook 08 starts from that file, so it
 # works even if this notebook was never run. Where the file is missing (on Colab, the package comes
 # without the repository's `data/` folder), notebook 08 runs the same command itself. On the same
-# machine with the same number of threads, the shipped snapshot and yours are the same weights.
+# machine with the same number of threads, the shipped snapshot and yours are the same weights (the
+# shipped one was trained with 2 threads; `runtime.setup()` gives this notebook 1 on a CPU, so on a CPU
+# they differ by the thread count's rounding: another seed's worth of difference, not another recipe).
 # `shipped_checkpoint()` finds it (an earlier `.pt` one too). Check it is what it claims:
 
 # %%

@@ -30,7 +30,7 @@
 # - how GRPO compares with plain REINFORCE with a mean baseline on this task
 #
 # **Prerequisites**: notebook 04 (the model and its checkpoint; a trained one ships with the course).
-# **Time to run**: CPU (2 cores): ~2.5 min · GPU: about 2 min on an H200 (measured at an earlier version).
+# **Time to run**: CPU (2 cores): ~1.5 min · GPU: about 2 min on an H200 (measured at an earlier version).
 
 # %%
 import sys, subprocess

@@ -16,14 +16,15 @@ What `python -m moe_lab lab` (the command behind `make lab`) does, and why:
    loads its OpenMP library, so it must be in the environment before `import torch`: the lab sets
    it for its kernels, `import moe_lab` sets it too (if torch is not imported yet) and
    `runtime.setup()` warns when it came too late. `python -m moe_lab lab --contention` measures
-   the effect (training steps, alone and two processes at once, with and without the policy).
+   the effect (training steps, alone and two processes at once, with and without the policy) with
+   `python -m moe_lab cpu-bench`, which measures it for every back-end and thread count too.
 3. **No news prompt.** A fresh JupyterLab asks whether to fetch news from the internet; the lab
    answers "no" once in this environment's settings (`share/jupyter/lab/settings/overrides.json`).
 
 Command line:
     python -m moe_lab lab [jupyter lab flags]      # what `make lab LAB_ARGS=...` runs
     python -m moe_lab lab --prepare-only           # make the working copies, start nothing
-    python -m moe_lab lab --contention [--steps N] [--repeats R] [--out PATH]  # the benchmark of point 2
+    python -m moe_lab lab --contention [--steps N] [--repeats R] [--out PATH]  # point 2, by cpu-bench
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ from typing import Optional
 
 from moe_lab.core import paths
 from moe_lab.core.arguments import at_least_1, check_outputs
+from moe_lab.core.config import preset
 from moe_lab.core.files import atomic_write_text
+from moe_lab.studies import cpu_bench
 
 ROOT = paths.repository() or paths.PACKAGE.parent  # a repository command: it works on a clone
 NOTEBOOKS = ROOT / "notebooks"
@@ -202,66 +205,14 @@ def describe(report: dict, workspace: Path) -> str:
     return "\n".join(lines)
 
 
-# ---- the contention benchmark -----------------------------------------------------------------
-# torch is imported FIRST, before moe_lab (whose import would set OMP_WAIT_POLICY): the child runs
-# with exactly the wait policy its environment gives it.
-_STEP_CHILD = """
-import sys, time, torch
-from moe_lab.core.config import preset
-from moe_lab.data import batch_fn, course_mixture
-from moe_lab.model import Transformer
-from moe_lab.training.loop import make_optimizer
-steps = int(sys.argv[1])
-p = preset("cpu")
-torch.manual_seed(0)
-model = Transformer(p.moe)
-opt = make_optimizer(model, p.train)
-batches = batch_fn(course_mixture(), p.train.batch_size, p.train.seq_len, seed=0)
-times = []
-for i in range(steps + 3):
-    x, y, mask = batches("train")[:3]
-    t0 = time.perf_counter()
-    loss = model(x, y, mask)[1]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    times.append(time.perf_counter() - t0)
-times = sorted(times[3:])
-print(1000 * times[len(times) // 2])
-"""
+# ---- the contention benchmark: a case of `python -m moe_lab cpu-bench` --------------------------
+def contention_argv(steps: int = 20, out: Optional[str] = None, repeats: int = 1) -> list[str]:
+    """cpu-bench's arguments for what `--contention` measures: the cpu preset's MoE (its own back-end)
+    with torch's default thread count, each wait policy, one process alone and two at once."""
+    import torch  # only for this command: the lab itself never computes
 
-
-def _run_children(n: int, steps: int, policy: Optional[str]) -> list[float]:
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
-    procs = [subprocess.Popen([sys.executable, "-c", _STEP_CHILD, str(steps)], env=env, stdout=subprocess.PIPE,
-                              text=True) for _ in range(n)]
-    out = []
-    for proc in procs:
-        stdout, _ = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"contention child exited with {proc.returncode}")
-        out.append(float(stdout.strip().splitlines()[-1]))
-    return out
-
-
-def contention_benchmark(steps: int = 20, policies=(None, "PASSIVE"), repeats: int = 1) -> list[dict]:
-    """Median ms per training step of the cpu preset's MoE, one process alone and two at once, for
-    each OpenMP wait policy (None = the library's default); the whole grid `repeats` times, so that
-    a disturbance shows as disagreement between repeats."""
-    for name, value in (("steps", steps), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"contention_benchmark({name}={value!r}): expected an integer >= 1")
-    rows = []
-    for policy in [p for _ in range(repeats) for p in policies]:
-        for n in (1, 2):
-            t0 = time.perf_counter()
-            ms = _run_children(n, steps, policy)
-            rows.append({"OMP_WAIT_POLICY": policy or "(unset)", "processes": n, "ms_per_step": ms,
-                         "wall_s": round(time.perf_counter() - t0, 1)})
-    return rows
+    return ["--threads", str(torch.get_num_threads()), "--models", preset("cpu").moe.moe.backend,
+            "--steps", str(steps), "--repeats", str(repeats), "--out", out or str(paths.runs_path("contention.json"))]
 
 
 def contention_args(argv: list[str]) -> argparse.Namespace:
@@ -271,7 +222,7 @@ def contention_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--contention", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=at_least_1, default=20, help="timed training steps per process (>= 1)")
     ap.add_argument("--repeats", type=at_least_1, default=1, help="times the whole grid runs (>= 1)")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "contention.json"), help="the JSON record")
+    ap.add_argument("--out", default=str(paths.runs_path("contention.json")), help="the JSON record")
     args = ap.parse_args(argv)
     check_outputs(ap, {"--out": args.out})
     return args
@@ -279,20 +230,9 @@ def contention_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--contention" in argv:
+    if "--contention" in argv:  # the benchmark of point 2, measured by cpu-bench
         args = contention_args(argv)
-        steps = args.steps
-        import torch
-
-        rows = contention_benchmark(steps, repeats=args.repeats)
-        print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads per process")
-        for r in rows:
-            print(f"OMP_WAIT_POLICY={r['OMP_WAIT_POLICY']:<9} {r['processes']} process(es) at once: "
-                  + ", ".join(f"{ms:.0f}" for ms in r["ms_per_step"]) + " ms per step")
-        atomic_write_text(args.out, json.dumps({"cpus": os.cpu_count(), "torch": torch.__version__, "steps": steps,
-                                                "rows": rows}, indent=1) + "\n")
-        print(f"written to {args.out}")
-        return 0
+        return cpu_bench.main(contention_argv(args.steps, args.out, args.repeats))
     workspace = NOTEBOOKS / WORKSPACE_NAME
     try:
         report = prepare_workspace(NOTEBOOKS, workspace)

@@ -27,6 +27,7 @@ class BackendFacts:
     is_function: bool = True  # False for 'ep': a module swapped into the layer, not a function to call
     python_loop: bool = False  # loops over experts in Python: its time grows with E, not with the work
     capturable: bool = False  # no host synchronisation: a call can be captured in a CUDA graph
+    cpu_interpreted: bool = False  # on a CPU it runs through an interpreter: timing it there times Python
     traffic: Optional[Traffic] = None  # the cost model's intermediate traffic (None: not modelled)
     marker: str = "o"  # matplotlib marker in the bench plots
 
@@ -43,11 +44,15 @@ BACKENDS: tuple[BackendFacts, ...] = (
     # as sorted without the torch.cat (the grouped matmul writes one (N, d) output)
     BackendFacts("grouped_mm", "the sorted layout on torch._grouped_mm",
                  traffic={"forward": (7, 8, 2, 0), "backward": (16, 15, 2, 0)}, marker="D"),
+    # as grouped_mm, counted at perfect balance (padding adds (max load / mean load - 1) of every
+    # N-sized term), plus the gate-and-up weights concatenated per call (weights, not counted here)
+    BackendFacts("padded", "rows padded to the busiest expert's: one batched matmul per projection",
+                 traffic={"forward": (7, 8, 2, 0), "backward": (16, 15, 2, 0)}, marker="P"),
     # forward: h written and read (2Nf), the (N, d) per-assignment buffer written and read by the
     # combine (2Nd); training also writes a1, a3 (2Nf). Backward: a1, a3 read and da1, da3 written
     # (4Nf), da1, da3 read by the dx and the dW1/dW3 kernels (4Nf), h read by dW2 (Nf); dy gathered
     # twice and x once per row (3Nd), the dx buffer written and combined (2Nd).
-    BackendFacts("triton", "the Triton kernels of notebook 06", capturable=True,
+    BackendFacts("triton", "the Triton kernels of notebook 06", capturable=True, cpu_interpreted=True,
                  traffic={"forward": (2, 2, 0, 0), "backward": (5, 9, 0, 0)}, marker="*"),
     BackendFacts("ep", "experts sharded over processes (notebook 09)", is_function=False, marker="X"),
 )

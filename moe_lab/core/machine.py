@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from moe_lab.core import paths
 from moe_lab.core.runtime import default_device, triton_version
 
 # Named GPUs: the largest shared memory one program (CUDA block) may use, the "opt-in" per-block limit
@@ -85,3 +86,21 @@ def environment_record(device, command: Optional[str] = None) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else " ".join(["python -m moe_lab bench", *sys.argv[1:]]),
     }
+
+
+def git_commit() -> Optional[str]:
+    """The commit the bench ran at (MOE_LAB_COMMIT, else `git rev-parse`), '+dirty' when the tree has changes."""
+    if os.environ.get("MOE_LAB_COMMIT"):
+        return os.environ["MOE_LAB_COMMIT"]
+    root = paths.repository()
+    if root is None:  # installed without a clone: no commit to name
+        return None
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -17,6 +17,8 @@ from, in order:
 MOE_LAB_DEVICE=cpu forces the CPU even where CUDA exists. Triton kernels run through Triton's CPU
 interpreter when no GPU is used, or when MOE_LAB_TRITON_INTERPRET=1 (to step through kernels on a
 GPU machine too); an explicit TRITON_INTERPRET in the environment is left as it is.
+Threads: see `thread_policy` (one torch thread on a CPU in modes "cpu" and "ci";
+MOE_LAB_THREADS=N or OMP_NUM_THREADS=N to choose).
 """
 from __future__ import annotations
 
@@ -173,6 +175,8 @@ class Runtime:
 
     def summary(self) -> str:
         dev = torch.cuda.get_device_name(self.device) if self.on_gpu else f"CPU ({os.cpu_count()} cores)"
+        if not self.on_gpu:
+            dev += f", threads={torch.get_num_threads()} ({_THREADS_SOURCE})"
         tri = triton_version()
         tri = "not installed" if tri is None else tri + (" (interpreter)" if self.triton_interpret else " (compiled)")
         return (f"moe-lab | mode={self.mode} | device={dev} | dtype={str(self.dtype).replace('torch.', '')} | "
@@ -195,6 +199,7 @@ def setup(seed: int = 0, mode: Optional[str] = None, verbose: bool = True) -> Ru
     device = torch.device(default_device())
     if mode == "gpu" and device.type != "cuda":
         warnings.warn(gpu_mode_without_gpu_message(), UserWarning, stacklevel=2)
+    apply_thread_policy(mode, device)
     interpret = choose_triton_interpreter()  # Triton kernels defined after this point run on CPU tensors
     seed_everything(seed)
     rt = Runtime(mode=mode, device=device, dtype=pick_dtype(device), seed=seed, triton_interpret=interpret)
@@ -267,3 +272,44 @@ def environment_table(rt: Runtime) -> list[tuple[str, str]]:
         major, minor = torch.cuda.get_device_capability(rt.device)
         rows.append(("compute capability", f"{major}.{minor}"))
     return rows
+
+
+# ---- the thread policy (issue 26): how many torch threads the course's CPU work uses -------------
+# Measured on a 2-core x86 CPU with `python -m moe_lab cpu-bench` (README, "CPU step times"): the
+# tiny presets' training steps are many small operations, and each one run on 2 threads pays for
+# waking the second thread (OMP_WAIT_POLICY=PASSIVE) or spins it (OpenMP's default, which stalls a
+# second notebook computing at once). One thread was as fast as or faster than either, alone, and
+# two notebooks at once then share the cores without slowing each other. So setup() uses one torch
+# thread on a CPU in modes "cpu" and "ci"; GPU mode keeps torch's default. The wait policy itself is
+# set on `import moe_lab` (moe_lab/__init__.py), before torch loads.
+THREADS_ENV = "MOE_LAB_THREADS"  # MOE_LAB_THREADS=N: use N torch threads (wins over OMP_NUM_THREADS)
+CPU_THREADS = 1  # the policy's choice for modes "cpu" and "ci" on a CPU
+_THREADS_SOURCE = "torch's default"  # why torch has the threads it has: said in the summary line
+
+
+def thread_policy(mode: str, device, env: Optional[dict] = None) -> tuple[Optional[int], str]:
+    """(torch threads to use, or None to leave torch's own choice; the reason, for the summary line).
+
+    In order: MOE_LAB_THREADS=N; OMP_NUM_THREADS (torch started with it: left as it is); one thread
+    on a CPU in modes "cpu" and "ci"; else torch's default. A MOE_LAB_THREADS that is not a whole
+    number >= 1 is a ValueError naming it."""
+    env = os.environ if env is None else env
+    text = env.get(THREADS_ENV, "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{THREADS_ENV}={text!r}: expected a whole number of threads >= 1")
+        return int(text), f"{THREADS_ENV}={int(text)}"
+    if env.get("OMP_NUM_THREADS", "").strip():  # OpenMP's own setting (e.g. "2", or "4,2" for nesting)
+        return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS'].strip()}"
+    if torch.device(device).type == "cpu" and mode in ("cpu", "ci"):
+        return CPU_THREADS, f"the course's CPU policy; {THREADS_ENV}=N to change"
+    return None, "torch's default"
+
+
+def apply_thread_policy(mode: str, device) -> int:
+    """Set torch's thread count by `thread_policy`; returns the count now in use."""
+    global _THREADS_SOURCE
+    n, _THREADS_SOURCE = thread_policy(mode, device)
+    if n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

@@ -7,12 +7,13 @@ experts(x (T, d), expert_idx (T, k), weights (T, k), w1, w3 (E, d, f), w2 (E, f,
     reference    a loop over experts: the readable truth                     moe_lab.model.experts
     sorted       permute once, one matmul per expert                        moe_lab.model.experts
     grouped_mm   the sorted layout on torch._grouped_mm (where torch has it) moe_lab.model.experts
+    padded       rows padded per expert: one batched matmul per projection   moe_lab.model.experts
     triton       the Triton kernels of notebook 06                          moe_lab.kernels.moe
     ep           experts sharded over processes (notebook 09): not a function but an experts module
                  swapped into the layer by moe_lab.distributed.to_expert_parallel
 
     from moe_lab.model import expert_backends as B
-    B.names()                                   # ('reference', 'sorted', 'grouped_mm', 'triton')
+    B.names()                                   # ('reference', 'sorted', 'grouped_mm', 'padded', 'triton')
     B.status("triton", "cpu", torch.bfloat16)   # why it cannot run here, or None
     y = B.run_experts("sorted", x, expert_idx, weights, w1, w3, w2)
     B.agreement(["sorted", "triton"], x, expert_idx, weights, w1, w3, w2)   # outputs and gradients vs reference
@@ -108,6 +109,7 @@ _CODE = {  # name: (load, why_not); every name of moe_lab.core.backends has its 
     "reference": (lambda: X.experts_reference, _always),
     "sorted": (lambda: X.experts_sorted, _always),
     "grouped_mm": (lambda: X.experts_grouped_mm, _grouped_mm_why_not),
+    "padded": (lambda: X.experts_padded, _always),
     "triton": (_load_triton, _triton_why_not),
     "ep": (_load_ep, _ep_why_not),
 }

@@ -11,7 +11,10 @@ moe_lab.model.expert_backends) is written, with its check, in moe_lab.core.contr
 
 `reference` is the readable truth: a loop over experts. `sorted` permutes the token copies once so
 that each expert's tokens are contiguous, then runs one matmul per expert on a slice: the layout the
-Triton kernels of notebook 06 use.
+Triton kernels of notebook 06 use. `padded` gives every expert a block of the same number of rows
+(the busiest expert's count; the rest padding), so that the gate and up projections of all experts
+are one batched matmul and the down projection another: a handful of larger operations per layer
+instead of a few per expert, which is what a CPU running tiny experts pays for (issue 26).
 """
 from __future__ import annotations
 
@@ -82,3 +85,48 @@ def experts_grouped_mm(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tenso
     h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N, f)
     out = torch._grouped_mm(h, w2, offs=offs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N, d)
     return torch.zeros_like(x).index_add(0, token_of, out)  # (T, d)
+
+
+def padded_layout(expert_idx: Tensor, n_experts: int) -> tuple[Tensor, Tensor, int]:
+    """Routing metadata of the padded layout: expert e owns rows [e*C, (e+1)*C), C = the busiest
+    expert's number of assignments; rows an expert does not fill are padding.
+
+    Returns (slot, token_of, C):
+      slot      (T*k,)  the row of each assignment of the flattened (T, k); E*C (one past the end) if dropped
+      token_of  (E*C,)  the token each row holds (token 0 on padding rows, whose routing weight is 0)
+      C         rows per expert (0 when nothing is routed)
+    Within an expert, rows follow the flattened assignments' order (token by token)."""
+    T, k = expert_idx.shape
+    flat = expert_idx.reshape(-1)  # (T*k,)
+    routed = flat >= 0
+    onehot = F.one_hot(flat.clamp_min(0), n_experts) * routed[:, None]  # (T*k, E)
+    place = (onehot.cumsum(0) * onehot).sum(-1) - 1  # (T*k,) place in its expert's block
+    C = int(onehot.sum(0).max()) if flat.numel() else 0
+    slot = torch.where(routed, flat * C + place, n_experts * C)  # (T*k,)
+    token = torch.arange(T * k, device=flat.device) // k  # (T*k,) the token of each assignment
+    token_of = torch.zeros(n_experts * C + 1, dtype=torch.long, device=flat.device).index_copy_(0, slot, token)
+    return slot, token_of[:-1], C
+
+
+PADDED_MAX_ROWS = 1.5  # `padded` pads at most to this many times the routed rows, else runs `sorted`
+
+
+def experts_padded(x: Tensor, expert_idx: Tensor, weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """Every expert's rows padded to the busiest expert's count: one gather, the gate and up projections
+    of all experts as one batched matmul, the down projection as another, one scatter. Padding costs
+    FLOPs in proportion to the imbalance (max load / mean load), never a wrong value: a padding row
+    carries routing weight 0, so it adds 0 to the output and to every gradient. Where the padded rows
+    would exceed PADDED_MAX_ROWS times the routed ones (a badly balanced layer: the padding would cost
+    more than the per-expert launches it saves), it runs `experts_sorted` instead."""
+    check_expert_inputs(x, expert_idx, weights, w1, w3, w2)
+    E, d, f = w1.shape
+    slot, token_of, C = padded_layout(expert_idx, E)
+    if C == 0:
+        return torch.zeros_like(x)
+    if E * C > PADDED_MAX_ROWS * max(int((expert_idx >= 0).sum()), 1):
+        return experts_sorted(x, expert_idx, weights, w1, w3, w2)
+    w_row = x.new_zeros(E * C + 1).index_copy(0, slot, weights.reshape(-1).to(x.dtype))[:-1]  # (E*C,)
+    xs = x[token_of].view(E, C, d)  # (E, C, d): the one gather
+    a1, a3 = torch.bmm(xs, torch.cat([w1, w3], dim=2)).chunk(2, dim=-1)  # (E, C, 2f) -> 2 x (E, C, f)
+    out = torch.bmm(F.silu(a1) * a3, w2).view(E * C, d) * w_row[:, None]  # (E*C, d) weighted
+    return torch.zeros_like(x).index_add(0, token_of, out)  # the one scatter: (T, d)

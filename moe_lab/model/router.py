@@ -124,7 +124,8 @@ class Router(nn.Module):
         weights = scores.gather(-1, expert_idx)  # (T, k)
         if cfg.router == "sigmoid" or cfg.top_k > 1:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
-        weights = weights * cfg.routed_scaling
+        if cfg.routed_scaling != 1.0:  # (a multiplication by 1 would still cost an operation and its backward)
+            weights = weights * cfg.routed_scaling
         probs = scores if cfg.router == "softmax" else scores / scores.sum(-1, keepdim=True)
 
         aux = logits.new_zeros(())
@@ -135,9 +136,8 @@ class Router(nn.Module):
         if cfg.capacity_factor is not None and self.training:  # training only: inference is dropless
             cap = expert_capacity(x.shape[0], cfg.top_k, cfg.n_experts, cfg.capacity_factor)
             expert_idx, weights = apply_capacity(expert_idx, weights, cfg.n_experts, cap)
-        if self.training:
-            chosen = expert_idx[expert_idx >= 0]
-            self.load_since_update += torch.bincount(chosen, minlength=cfg.n_experts).float()
+        if self.training:  # assignments per expert; dropped ones (-1) counted in bin 0, then cut off
+            self.load_since_update += torch.bincount(expert_idx.reshape(-1) + 1, minlength=cfg.n_experts + 1)[1:]
         return Routing(expert_idx, weights.to(x.dtype), probs, logits, aux)
 
     @torch.no_grad()

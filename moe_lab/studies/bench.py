@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -360,26 +359,6 @@ def _csv(text: str, allowed, what: str, conv=str) -> list:
     return items
 
 
-def git_commit() -> Optional[str]:
-    """The commit the bench ran at (MOE_LAB_COMMIT, else `git rev-parse`), '+dirty' when the tree has changes."""
-    if os.environ.get("MOE_LAB_COMMIT"):
-        return os.environ["MOE_LAB_COMMIT"]
-    import subprocess
-
-    root = paths.repository()
-    if root is None:  # installed without a clone: no commit to name
-        return None
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode != 0:
-        return None
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def parse_args(argv: Optional[list] = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The command line; `plan` checks every argument before any work."""
     ap = argparse.ArgumentParser(prog="python -m moe_lab bench", description=__doc__.split("\n\n")[0],
@@ -500,7 +479,7 @@ def run_plan(p: Plan, repeats: int, budget_s: Optional[float], progress: bool) -
                   slow_max_tokens=p.slow_max, graph_max_tokens=0 if on_cpu else 2048, on_row=write_partial)
     record = build_record(results, ceilings, p.device, p.dtype, p.label, p.command, p.notes)
     record["cpu_threads"] = torch.get_num_threads()
-    record["commit"] = git_commit()
+    record["commit"] = machine.git_commit()
     if not on_cpu:
         from moe_lab.kernels import config_table as CT  # Triton is optional; its interpreter is chosen first
 

@@ -338,7 +338,8 @@ def load_checkpoint(path: Union[str, Path], expected: Optional[ModelConfig] = No
     """Load a checkpoint saved by save_checkpoint (or an earlier .pt one): returns (model, extra).
 
     With `expected`, a checkpoint of a different config raises a ValueError listing the fields that
-    differ (ignoring the expert back-end, which does not change the function).
+    differ (ignoring the expert back-end, which does not change the function), and the model runs its
+    experts with `expected`'s back-end (the preset's choice for this machine, not the saving one's).
     """
     cfg, extra, state = read_checkpoint(path)
     if expected is not None:
@@ -351,6 +352,8 @@ def load_checkpoint(path: Union[str, Path], expected: Optional[ModelConfig] = No
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(path, f"its tensors do not fit its own config: {exc}") from exc
+    if expected is not None and expected.ffn == "moe" and cfg.ffn == "moe":
+        model.set_backend(expected.moe.backend)
     return model.to(device), extra
 
 

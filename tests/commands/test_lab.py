@@ -16,7 +16,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+import torch
+
 from moe_lab.commands import lab
+from moe_lab.core.config import preset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,12 +165,15 @@ def test_lab_command_serves_the_workspace():
     assert cmd[-1] == "--no-browser"
 
 
-def test_contention_benchmark_gives_each_child_exactly_its_wait_policy(monkeypatch):
-    """The benchmark's 'before' must really run without a policy (the variable removed, not inherited
-    from make test's environment) and 'after' with PASSIVE; one child alone, then two at once."""
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as under make test: must not leak into 'before'
-    monkeypatch.setattr(lab, "_STEP_CHILD", "import os; print(len(os.environ.get('OMP_WAIT_POLICY', '')))")
-    rows = lab.contention_benchmark(steps=1, repeats=2)
-    assert [(r["OMP_WAIT_POLICY"], r["processes"]) for r in rows] == [("(unset)", 1), ("(unset)", 2), ("PASSIVE", 1),
-                                                                      ("PASSIVE", 2)] * 2
-    assert [r["ms_per_step"] for r in rows[:4]] == [[0.0], [0.0, 0.0], [7.0], [7.0, 7.0]]
+def test_contention_is_measured_by_cpu_bench(monkeypatch):
+    """`--contention` runs cpu_bench's grid for the cpu preset's MoE at torch's thread count: each wait
+    policy (cpu_bench's default), alone and two at once (tests/test_cpu_bench.py checks those)."""
+    from moe_lab.studies import cpu_bench
+
+    seen = []
+    monkeypatch.setattr(cpu_bench, "main", lambda argv: seen.append(argv) or 0)
+    assert lab.main(["--contention", "--steps", "7"]) == 0
+    (argv,) = seen
+    args = cpu_bench.parse_args(argv)
+    assert args.threads == [torch.get_num_threads()] and args.steps == 7 and not args.no_pairs
+    assert args.models == [preset("cpu").moe.moe.backend] and set(args.policies) == {"PASSIVE", "default"}

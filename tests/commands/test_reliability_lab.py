@@ -125,32 +125,17 @@ def test_main_reports_a_workspace_error_without_a_traceback(tmp_path, monkeypatc
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_contention_names_a_bad_argument_before_any_child(args, words, capsys, monkeypatch):
-    monkeypatch.setattr(lab, "contention_benchmark", lambda *a, **k: pytest.fail("the benchmark started"))
+    monkeypatch.setattr(lab.cpu_bench, "main", lambda *a, **k: pytest.fail("the benchmark started"))
     with pytest.raises(SystemExit) as info:
         lab.main(["--contention", *args])
     assert info.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_contention_checks_its_output_before_any_child(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(lab, "contention_benchmark", lambda *a, **k: pytest.fail("the benchmark started"))
+    monkeypatch.setattr(lab.cpu_bench, "main", lambda *a, **k: pytest.fail("the benchmark started"))
     with pytest.raises(SystemExit) as info:
         lab.main(["--contention", "--out", str(tmp_path)])
     assert info.value.code == 2 and "argument --out:" in capsys.readouterr().err
-
-
-def test_contention_writes_its_record(tmp_path, monkeypatch):
-    monkeypatch.setattr(lab, "_STEP_CHILD", "print(3.0)")
-    out = tmp_path / "c.json"
-    assert lab.main(["--contention", "--steps", "2", "--out", str(out)]) == 0
-    rec = json.loads(out.read_text())
-    assert rec["steps"] == 2 and len(rec["rows"]) == 4
-
-
-@pytest.mark.parametrize("kw", [dict(steps=0), dict(steps=1.5), dict(repeats=0)])
-def test_contention_benchmark_checks_its_arguments(kw, monkeypatch):
-    monkeypatch.setattr(lab, "_run_children", lambda *a, **k: pytest.fail("a child started"))
-    with pytest.raises(ValueError, match=r"contention_benchmark\((steps|repeats)="):
-        lab.contention_benchmark(**kw)
 
 
 def test_a_news_setting_that_cannot_be_written_does_not_stop_the_lab(tmp_path, monkeypatch, capsys):

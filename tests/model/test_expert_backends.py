@@ -19,7 +19,7 @@ def case(T=19, d=8, f=16, E=5, k=2, seed=0, dtype=torch.float32):
 
 
 def test_the_registry_owns_the_names():
-    assert B.names() == ("reference", "sorted", "grouped_mm", "triton")
+    assert B.names() == ("reference", "sorted", "grouped_mm", "padded", "triton")
     assert B.names(functions_only=False)[-1] == "ep"
     with pytest.raises(ValueError, match=r"backend='cuda': expected one of \('reference'"):
         B.get("cuda")

@@ -9,7 +9,8 @@ import torch
 
 from moe_lab.core.config import MoEConfig
 from moe_lab.model import expert_backends as B
-from moe_lab.model.experts import experts_reference, experts_sorted, sort_by_expert
+from moe_lab.model import experts as X
+from moe_lab.model.experts import experts_padded, experts_reference, experts_sorted, padded_layout, sort_by_expert
 from moe_lab.model.moe import MoELayer
 from moe_lab.model.router import Router, apply_capacity, expert_capacity, router_z_loss, switch_aux_loss
 
@@ -38,8 +39,28 @@ def naive_moe(x, idx, w, w1, w3, w2):
     return y
 
 
+def padded_both_ways(monkeypatch, x, idx, w, W):
+    """`padded` agrees with the reference on its own path (padding however much) and on its fallback."""
+    for max_rows in (math.inf, 0.0):
+        monkeypatch.setattr(X, "PADDED_MAX_ROWS", max_rows)
+        (row,) = B.agreement(["padded"], x, idx, w, *W)
+        assert row["output"] < 1e-12 and row["gradient"] < 1e-10, (max_rows, row)
+
+
+def test_padded_runs_sorted_where_padding_would_cost_more_than_it_saves(monkeypatch):
+    x, idx, w, W = random_case(5, 40, 6, 7, 4, 1)
+    idx[:30] = 0  # expert 0 takes 30 of 40 rows: padding would make 4 x 30 = 120 rows
+    calls = []
+    monkeypatch.setattr(X, "experts_sorted", lambda *a: calls.append(1) or experts_sorted(*a))
+    X.experts_padded(x, idx, w, *W)
+    assert calls == [1]
+    idx = torch.arange(40)[:, None] % 4  # 10 rows each: no padding
+    X.experts_padded(x, idx, w, *W)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("seed", range(12))
-def test_backends_agree_on_random_shapes(seed):
+def test_backends_agree_on_random_shapes(seed, monkeypatch):
     g = torch.Generator().manual_seed(100 + seed)
     E = int(torch.randint(1, 9, (1,), generator=g))
     k = int(torch.randint(1, min(E, 4) + 1, (1,), generator=g))
@@ -47,12 +68,13 @@ def test_backends_agree_on_random_shapes(seed):
     d, f = (int(v) for v in torch.randint(1, 24, (2,), generator=g))
     x, idx, w, W = random_case(seed, T, d, f, E, k, drop=0.2 if seed % 3 == 0 else 0.0)
     torch.testing.assert_close(experts_reference(x, idx, w, *W), naive_moe(x, idx, w, *W))
-    for row in B.agreement(["sorted"], x, idx, w, *W):  # outputs and every gradient against the reference
+    for row in B.agreement(["sorted", "padded"], x, idx, w, *W):  # outputs and every gradient against the reference
         assert row["output"] < 1e-12 and row["gradient"] < 1e-10, row
+    padded_both_ways(monkeypatch, x, idx, w, W)
 
 
 @pytest.mark.parametrize("case", ["one_expert_takes_all", "idle_expert", "top_k_equals_E", "single_token", "all_dropped"])
-def test_backends_agree_on_edge_cases(case):
+def test_backends_agree_on_edge_cases(case, monkeypatch):
     T, d, f, E, k = 17, 8, 12, 4, 2
     if case == "top_k_equals_E":
         k = E
@@ -69,8 +91,9 @@ def test_backends_agree_on_edge_cases(case):
         idx = torch.full_like(idx, -1)
     ref = experts_reference(x, idx, w, *W)
     torch.testing.assert_close(ref, naive_moe(x, idx, w, *W))
-    for row in B.agreement(["sorted"], x, idx, w, *W):
+    for row in B.agreement(["sorted", "padded"], x, idx, w, *W):
         assert row["output"] < 1e-12 and row["gradient"] < 1e-10, row
+    padded_both_ways(monkeypatch, x, idx, w, W)
     if case == "all_dropped":
         assert ref.abs().max() == 0
 
@@ -78,6 +101,20 @@ def test_backends_agree_on_edge_cases(case):
 def test_gradients_agree_with_finite_differences():
     x, idx, w, W = random_case(3, 6, 4, 5, 3, 2)
     assert torch.autograd.gradcheck(lambda *a: experts_sorted(a[0], idx, a[1], *a[2:]), (x, w, *W))
+    idx[1, 1] = -1  # a dropped assignment, and padding rows (the experts' loads differ)
+    X.PADDED_MAX_ROWS, before = math.inf, X.PADDED_MAX_ROWS  # its own path, however much it pads
+    try:
+        assert torch.autograd.gradcheck(lambda *a: experts_padded(a[0], idx, a[1], *a[2:]), (x, w, *W))
+    finally:
+        X.PADDED_MAX_ROWS = before
+
+
+def test_padded_layout_gives_each_expert_a_block_of_the_busiest_experts_rows():
+    idx = torch.tensor([[2, 0], [0, -1], [1, 2], [2, 0]])
+    slot, token_of, C = padded_layout(idx, 4)
+    assert C == 3  # experts 0 and 2 have 3 assignments each
+    assert slot.tolist() == [6, 0, 1, 12, 3, 7, 8, 2]  # expert e's rows are [3e, 3e + 3); dropped -> 4 * 3
+    assert token_of.tolist() == [0, 1, 3, 2, 0, 0, 0, 2, 3, 0, 0, 0]  # padding rows hold token 0
 
 
 def test_sort_by_expert_layout():
@@ -195,15 +232,16 @@ def test_moe_layer_backends_agree_including_gradients(router, n_shared):
                                    balance="aux_loss", z_loss_coef=1e-3)).double()
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     results = {}
-    for backend in ("reference", "sorted"):
+    for backend in ("reference", "sorted", "padded"):
         layer.zero_grad()
         layer.backend = backend
         y = layer(x)
         (y.square().sum() + layer.aux_loss).backward()
         results[backend] = (y.detach(), [p.grad.clone() for p in layer.parameters()])
-    torch.testing.assert_close(results["reference"][0], results["sorted"][0])
-    for a, b in zip(results["reference"][1], results["sorted"][1]):
-        torch.testing.assert_close(a, b)
+    for other in ("sorted", "padded"):
+        torch.testing.assert_close(results["reference"][0], results[other][0])
+        for a, b in zip(results["reference"][1], results[other][1]):
+            torch.testing.assert_close(a, b)
     assert layer.router.gate.weight.grad.abs().sum() > 0  # the router learns
 
 

@@ -57,7 +57,7 @@ def test_case_model_uses_the_profiling_models():
     assert moe["min_bytes"] <= moe["model_bytes"]
 
 
-@pytest.mark.parametrize("backend", ["reference", "sorted", "grouped_mm", "dense", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "sorted", "grouped_mm", "padded", "dense", "triton"])
 def test_measure_case_returns_a_complete_row(backend):
     status = bench.backend_status(backend, "cpu", torch.float32)
     if status is not None:
