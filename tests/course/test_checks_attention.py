@@ -37,16 +37,32 @@ def rope_at(offset):
     return lambda x, cos, sin, n: apply_rope(x, cos[n + offset:n + offset + x.shape[-2]], sin[n + offset:n + offset + x.shape[-2]])
 
 
-def mla_kv_variant(norm=True, swap=False, split="right", transpose=True):
+def attend_along(dim):
+    """torch.cat along another axis than time: the shapes only fit along dim 2, so torch raises."""
+    def f(q, k_new, v_new, k_cache, v_cache):
+        k, v = torch.cat([k_cache, k_new], dim), torch.cat([v_cache, v_new], dim)
+        return F.scaled_dot_product_attention(q, k, v), k, v
+    return f
+
+
+def mla_kv_variant(norm="rms", swap=False, split="right", transpose=True):
     def f(x, w_dkv, norm_weight, w_uk, w_uv, n_heads, eps=1e-5):
         B, T, _ = x.shape
         c = x @ w_dkv
-        if norm:
+        if norm == "rms":
             c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps) * norm_weight
+        elif norm == "rms_no_weight":
+            c = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+        elif norm == "layer":
+            c = F.layer_norm(c, c.shape[-1:], weight=norm_weight, eps=eps)
+        elif norm == "layer_no_weight":
+            c = F.layer_norm(c, c.shape[-1:], eps=eps)
         a, b = (w_uv, w_uk) if swap else (w_uk, w_uv)
         if split == "wrong":
             k = (c @ a).view(B, T, -1, n_heads).permute(0, 3, 1, 2)
             v = (c @ b).view(B, T, -1, n_heads).permute(0, 3, 1, 2)
+        elif split == "view_bhtd":  # the heads' axis first in a view: reinterprets the memory, mixes tokens and heads
+            k, v = (c @ a).view(B, n_heads, T, -1), (c @ b).view(B, n_heads, T, -1)
         else:
             k, v = (c @ a).view(B, T, n_heads, -1), (c @ b).view(B, T, n_heads, -1)
             if transpose:
@@ -60,6 +76,23 @@ def absorb_right(q, w_uk):
     return torch.einsum("bhtd,chd->bhtc", q, w_uk.view(w_uk.shape[0], H, hd))
 
 
+def absorb_columns_as_hd_h(q, w_uk):
+    """w_uk's columns read as (hd, H): column d * H + h taken for head h's number d."""
+    H, hd = q.shape[1], q.shape[3]
+    return torch.einsum("bhtd,cdh->bhtc", q, w_uk.view(w_uk.shape[0], hd, H))
+
+
+def absorb_heads_summed(keepdim):
+    def f(q, w_uk):
+        summed = absorb_right(q, w_uk).sum(1, keepdim=True)  # (B, 1, T, d_c): every head's latent query added up
+        return summed if keepdim else summed.expand(-1, q.shape[1], -1, -1)
+    return f
+
+
+def absorb_scaled(factor):
+    return lambda q, w_uk: absorb_right(q, w_uk) * factor(q)
+
+
 CASES = {
     "check_cache_append": (attend_right, [
         (attend_variant(grow=False), "did not grow"),
@@ -68,6 +101,10 @@ CASES = {
         (attend_variant(scale=1.0), "not scaled"),
         (attend_variant(v_from_k=True), "value cache received the new key"),
         (lambda *a: attend_right(*a)[:2], "return 3 values"),
+        (attend_along(3), "along dim 3.*time axis, dim 2"),
+        (attend_along(-1), "along dim 3.*time axis, dim 2"),
+        (attend_along(1), "along dim 1.*time axis, dim 2"),
+        (attend_along(0), "along dim 0.*time axis, dim 2"),
     ]),
     "check_rope_offset": (rope_right, [
         (lambda x, cos, sin, n: apply_rope(x, cos[:x.shape[-2]], sin[:x.shape[-2]]), "as if they came first"),
@@ -76,16 +113,29 @@ CASES = {
         (lambda x, cos, sin, n: apply_rope(x, cos[n:n + 1], sin[n:n + 1]), "every new token got position"),
     ]),
     "check_mla_kv": (mla_keys_values_reference, [
-        (mla_kv_variant(norm=False), "not normalised"),
+        (mla_kv_variant(norm=None), "not normalised"),
+        (mla_kv_variant(norm="layer"), "LayerNorm.*RMSNorm"),
+        (mla_kv_variant(norm="layer_no_weight"), "LayerNorm.*RMSNorm"),
+        (mla_kv_variant(norm="rms_no_weight"), "RMSNorm without its weight"),
         (mla_kv_variant(swap=True), "swapped"),
         (mla_kv_variant(split="wrong"), "split the wrong way"),
+        (mla_kv_variant(split="view_bhtd"), r"view\(B, H, T, hd\)"),
         (mla_kv_variant(transpose=False), "move the heads before the positions"),
+        # any other wrong keys or values: the message reads as a sentence ("the keys is wrong" did not)
+        (lambda *a: (lambda c, k, v: (c, k + 0.1, v))(*mla_keys_values_reference(*a)), "the key tensor k is wrong at index"),
+        (lambda *a: (lambda c, k, v: (c, k, v + 0.1))(*mla_keys_values_reference(*a)), "the value tensor v is wrong at index"),
     ]),
     "check_absorbed_query": (absorb_right, [
         (lambda q, w: torch.einsum("bhtd,hcd->bhtc", q, w.reshape(q.shape[1], w.shape[0], q.shape[3])), "mixes the heads"),
-        (lambda q, w: absorb_right(q, w).sum(1), "summed away"),
+        (lambda q, w: absorb_right(q, w).sum(1), "heads were summed"),
         (lambda q, w: q.repeat(1, 1, 1, q.shape[1]), "latent space"),
-        (lambda q, w: absorb_right(q, w) * 2, "wrong at index"),
+        (absorb_columns_as_hd_h, r"\(hd, H\)"),
+        (absorb_heads_summed(keepdim=True), "heads were summed"),
+        (absorb_heads_summed(keepdim=False), "heads were summed"),
+        (absorb_scaled(lambda q: q.shape[-1] ** -0.5), r"1/sqrt\(hd\): the scale was folded in"),
+        (absorb_scaled(lambda q: (q.shape[-1] + 2) ** -0.5), r"scale.*attention"),
+        (absorb_scaled(lambda q: 2.0), r"times 2\b"),
+        (lambda q, w: absorb_right(q, w) + 0.1, "wrong at index"),
     ]),
 }
 

@@ -7,6 +7,8 @@ h * hd .. (h + 1) * hd.
 """
 from __future__ import annotations
 
+import math
+import re
 from typing import Callable
 
 import torch
@@ -44,8 +46,16 @@ def check_cache_append(attend_with_cache: Callable) -> None:
     k_cache, v_cache = torch.randn(B, H, S, hd, generator=g), torch.randn(B, H, S, hd, generator=g)
     k_all, v_all = torch.cat([k_cache, k_new], 2), torch.cat([v_cache, v_new], 2)
     expected = F.scaled_dot_product_attention(q, k_all, v_all)
-    out, k_got, v_got = _tuple(name, attend_with_cache(q, k_new, v_new, k_cache.clone(), v_cache.clone()), 3,
-                               "out, k_cache, v_cache")
+    try:
+        result = attend_with_cache(q, k_new, v_new, k_cache.clone(), v_cache.clone())
+    except RuntimeError as e:  # torch.cat along another axis: the shapes fit only along dim 2
+        wrong_axis = re.search(r"Sizes of tensors must match except in dimension (\d+)", str(e))
+        if wrong_axis:
+            raise CheckFailed(f"{name}: torch.cat joined the cache {(B, H, S, hd)} and the new key {(B, H, 1, hd)} along "
+                              f"dim {wrong_axis.group(1)}, where their sizes differ: append along the time axis, dim 2 "
+                              f"(the positions), giving {(B, H, S + 1, hd)}") from None
+        raise
+    out, k_got, v_got = _tuple(name, result, 3, "out, k_cache, v_cache")
     if k_got.shape == (B, H, S, hd):
         raise CheckFailed(f"{name}: the returned cache did not grow (still {S} positions): append the new key and "
                           f"value, so the next step can attend to this token")
@@ -118,9 +128,19 @@ def check_mla_kv(mla_keys_values: Callable) -> None:
     w_uk, w_uv = torch.randn(dc, H * hd, generator=g), torch.randn(dc, H * hd, generator=g)
     c_exp, k_exp, v_exp = mla_keys_values_reference(x, w_dkv, norm_weight, w_uk, w_uv, H)
     c, k, v = _tuple(name, mla_keys_values(x, w_dkv, norm_weight, w_uk, w_uv, H), 3, "c_kv, k, v")
-    if c.shape == c_exp.shape and torch.allclose(c, x @ w_dkv, atol=1e-5):
-        raise CheckFailed(f"{name}: the latent c_kv is not normalised: DeepSeek-V2 applies RMSNorm (with its weight) to "
-                          f"x @ w_dkv before the up-projections, and caches the normalised latent")
+    if c.shape == c_exp.shape:
+        down = x @ w_dkv  # (B, T, d_c) before the norm
+        rms = down * torch.rsqrt(down.pow(2).mean(-1, keepdim=True) + 1e-5)
+        if torch.allclose(c, down, atol=1e-5):
+            raise CheckFailed(f"{name}: the latent c_kv is not normalised: DeepSeek-V2 applies RMSNorm (with its weight) to "
+                              f"x @ w_dkv before the up-projections, and caches the normalised latent")
+        if any(torch.allclose(c, F.layer_norm(down, (dc,), weight=w, eps=1e-5), atol=1e-4) for w in (norm_weight, None)):
+            raise CheckFailed(f"{name}: the latent was normalised with LayerNorm, not RMSNorm: RMSNorm does not subtract "
+                              f"the mean, it divides by the root mean square, x * rsqrt(mean(x**2) + eps) * norm_weight "
+                              f"(notebook 02), as DeepSeek-V2 does on the latent")
+        if torch.allclose(c, rms, atol=1e-5):
+            raise CheckFailed(f"{name}: RMSNorm without its weight: multiply the normalised latent by norm_weight "
+                              f"(its learned scale per latent number), x * rsqrt(mean(x**2) + eps) * norm_weight")
     _compare(name, c, c_exp, what="latent c_kv")
     if k.shape == (B, T, H, hd):
         raise CheckFailed(f"{name}: k has shape {(B, T, H, hd)}: move the heads before the positions, (B, H, T, hd)")
@@ -131,8 +151,12 @@ def check_mla_kv(mla_keys_values: Callable) -> None:
         if torch.allclose(k, wrong_split, atol=1e-5):
             raise CheckFailed(f"{name}: the heads are split the wrong way: head h owns columns h*hd..(h+1)*hd of "
                               f"c_kv @ w_uk, so view the result as (B, T, H, hd), not (B, T, hd, H)")
-    _compare(name, k, k_exp, what="keys")
-    _compare(name, v, v_exp, what="values")
+        if torch.allclose(k, (c_exp @ w_uk).view(B, H, T, hd), atol=1e-5):
+            raise CheckFailed(f"{name}: the heads were split with view(B, H, T, hd): a view only re-reads the memory, "
+                              f"which is laid out (B, T, H * hd), so it mixes tokens and heads; view as (B, T, H, hd), "
+                              f"then transpose(1, 2) to (B, H, T, hd)")
+    _compare(name, k, k_exp, what="key tensor k")
+    _compare(name, v, v_exp, what="value tensor v")
     _ok(name)
 
 
@@ -150,16 +174,29 @@ def check_absorbed_query(absorb_query: Callable) -> None:
         if got.shape == (B, H, T, H * hd) or got.shape == (B, H, T, hd):
             raise CheckFailed(f"{name}: q_latent has shape {tuple(got.shape)}: it lives in the latent space, so its last "
                               f"dimension is d_c={dc} (multiply by head h's block of w_uk transposed)")
-        if got.shape == (B, T, dc):
-            raise CheckFailed(f"{name}: the heads were summed away: every head keeps its own latent query, (B, H, T, d_c)")
+        summed = expected.sum(1, keepdim=True)  # (B, 1, T, d_c)
+        if got.shape in ((B, T, dc), (B, 1, T, dc)) or (got.shape == expected.shape
+                                                        and torch.allclose(got, summed.expand_as(got), atol=1e-4)):
+            raise CheckFailed(f"{name}: the heads were summed: every head keeps its own latent query, (B, H, T, d_c); "
+                              f"head h's query meets only head h's keys, so multiply it by head h's block of w_uk alone")
         if got.shape == expected.shape:
             bad_view = torch.einsum("bhtd,hcd->bhtc", q, w_uk.reshape(H, dc, hd))
             if torch.allclose(got, bad_view, atol=1e-4):
                 raise CheckFailed(f"{name}: w_uk was reshaped to (H, d_c, hd), which mixes the heads' columns: head h "
                                   f"owns columns h*hd..(h+1)*hd, so view w_uk as (d_c, H, hd)")
+            columns_hd_h = torch.einsum("bhtd,cdh->bhtc", q, w_uk.view(dc, hd, H))
+            if torch.allclose(got, columns_hd_h, atol=1e-4):
+                raise CheckFailed(f"{name}: w_uk's columns were read as (hd, H), so head h took every H-th column; head h "
+                                  f"owns the contiguous block h*hd..(h+1)*hd: view w_uk as (d_c, H, hd)")
+            factor = (got * expected).sum() / expected.pow(2).sum()  # got = factor * expected?
+            if not torch.isclose(factor, torch.tensor(1.0), atol=1e-3) and torch.allclose(got, factor * expected, atol=1e-4):
+                what = " = 1/sqrt(hd): the scale was folded in" if math.isclose(factor, hd ** -0.5, rel_tol=1e-3) else ""
+                raise CheckFailed(f"{name}: q_latent is the right one times {factor.item():.3g}{what}. The absorbed query only "
+                                  f"moves q_nope into the latent space, so that q_latent . c_kv equals q_nope . k exactly; "
+                                  f"the scale 1/sqrt(hd + d_r) is applied once, in attention, to the whole score")
     _compare(name, got, expected, atol=1e-4, what="absorbed query")
     c = torch.randn(B, 6, dc, generator=g)  # the property that matters: scores against the latent are unchanged
     k = (c @ w_uk).view(B, 6, H, hd).transpose(1, 2)
     _compare(name, got @ c[:, None].transpose(-1, -2), q @ k.transpose(-1, -2), atol=1e-3,
-             what="scores q_latent . c_kv (they must equal q_nope . k)")
+             what="score matrix q_latent . c_kv (it must equal q_nope . k)")
     _ok(name)
