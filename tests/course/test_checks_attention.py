@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab.course import checks
-from moe_lab.course.checks.attention import mla_keys_values_reference
+from moe_lab.course.checks.attention import mla_keys_values_reference, mla_scores_reference
 from moe_lab.model.layers import apply_rope
 
 
@@ -93,6 +93,44 @@ def absorb_scaled(factor):
     return lambda q, w_uk: absorb_right(q, w_uk) * factor(q)
 
 
+def mla_scores_variant(scale="full", rotate_q=True, rotate_k=True, rope_on_latent=False, rope_part=True,
+                       latent_part=True, split="right", key="shared", softmax=False):
+    """MLA's scores and shared RoPE key, right by default; each argument makes one plausible mistake."""
+    def f(q, k, x, w_kr, cos, sin):
+        hd = k.shape[-1]
+        dr = q.shape[-1] - hd
+        q_nope, q_rope = q.split([hd, dr], -1) if split == "right" else q.split([dr, hd], -1)[::-1]
+        k_rope = x @ w_kr
+        if rotate_k:
+            k_rope = apply_rope(k_rope, cos, sin)
+        if rotate_q:
+            q_rope = apply_rope(q_rope, cos, sin)
+        if rope_on_latent:  # position put on the part that meets the keys rebuilt from the latent
+            q_nope, k = apply_rope(q_nope, cos, sin), apply_rope(k, cos, sin)
+        k_heads = k_rope[:, None].expand(-1, q.shape[1], -1, -1)  # (B, H, T, d_r)
+        if key == "split":  # one key per head: the d_r numbers shared out among the heads
+            k_rope = (x @ w_kr).view(x.shape[0], x.shape[1], q.shape[1], -1).transpose(1, 2)
+            k_heads = apply_rope(k_rope, cos, sin)
+        scores = 0
+        if latent_part:
+            scores = scores + q_nope @ k.transpose(-1, -2)
+        if rope_part:
+            scores = scores + q_rope @ k_heads.transpose(-1, -2)
+        if scale == "per part":
+            scores = q_nope @ k.transpose(-1, -2) / hd ** 0.5 + q_rope @ k_heads.transpose(-1, -2) / dr ** 0.5
+        else:
+            scores = scores * {"full": (hd + dr) ** -0.5, "hd": hd ** -0.5, "dr": dr ** -0.5, "none": 1.0,
+                               "times": (hd + dr) ** 0.5, "no root": 1 / (hd + dr), "odd": 0.3}[scale]
+        if softmax:
+            scores = scores.softmax(-1)
+        if key == "per head":  # the shared key copied for every head, as if each head had its own
+            k_rope = k_heads
+        elif key == "head axis":
+            k_rope = k_rope[:, None]
+        return scores, k_rope
+    return f
+
+
 CASES = {
     "check_cache_append": (attend_right, [
         (attend_variant(grow=False), "did not grow"),
@@ -137,8 +175,38 @@ CASES = {
         (absorb_scaled(lambda q: 2.0), r"times 2\b"),
         (lambda q, w: absorb_right(q, w) + 0.1, "wrong at index"),
     ]),
+    "check_mla_scores": (mla_scores_reference, [
+        (mla_scores_variant(), None),  # placeholder removed below: the right answer must pass
+        (mla_scores_variant(scale="hd"), "scale without d_r"),
+        (mla_scores_variant(scale="dr"), r"sqrt\(d_r\) = sqrt\(4\), the width of the RoPE part alone"),
+        (mla_scores_variant(scale="none"), "not scaled"),
+        (mla_scores_variant(scale="times"), "multiplied by sqrt"),
+        (mla_scores_variant(scale="no root"), "square root"),
+        (mla_scores_variant(scale="odd"), r"scaled by 0.3\b"),
+        (mla_scores_variant(scale="per part"), "each part was scaled by its own width"),
+        (mla_scores_variant(rope_on_latent=True), "RoPE on the latent"),
+        (mla_scores_variant(rope_on_latent=True, rope_part=False), "RoPE on the latent"),
+        (mla_scores_variant(key="per head"), "one key per head"),
+        (mla_scores_variant(key="split"), "one key per head"),
+        (mla_scores_variant(key="head axis"), "without the head axis"),
+        (mla_scores_variant(rotate_q=False), "q_rope was not rotated"),
+        (mla_scores_variant(rotate_k=False), "not rotated"),
+        (mla_scores_variant(rope_part=False), "miss the RoPE part"),
+        (mla_scores_variant(latent_part=False), "miss q_nope . k"),
+        (mla_scores_variant(split="wrong"), "split the wrong way"),
+        (mla_scores_variant(softmax=True), "softmax"),
+        (lambda *a: (mla_scores_reference(*a)[0] + 0.1, mla_scores_reference(*a)[1]), "the score matrix is wrong at index"),
+    ]),
 }
+CASES["check_mla_scores"][1].pop(0)
 
 
 def test_the_attention_checkers_are_exported():
-    assert {"check_cache_append", "check_rope_offset", "check_mla_kv", "check_absorbed_query"} <= set(checks.__all__)
+    assert {"check_cache_append", "check_rope_offset", "check_mla_kv", "check_absorbed_query",
+            "check_mla_scores"} <= set(checks.__all__)
+
+
+def test_the_mla_scores_checker_passes_the_variant_helper_unchanged(capsys):
+    """mla_scores_variant() with no mistake is right: each wrong case above differs from it in one argument only."""
+    checks.check_mla_scores(mla_scores_variant())
+    assert "correct" in capsys.readouterr().out
