@@ -321,5 +321,5 @@ def plot_mla_record(record: dict, ax=None, ylim=(0.6, 2.3)):
                           f"exact match {run['heldout_exact_match']:.0%}")
     ax.set(xlabel="step", ylabel="validation loss", ylim=ylim,
            title=f"recorded: {record['preset']} preset, {record['steps']} steps, seeds {seeds}")
-    ax.legend(fontsize=7, ncol=2, title="final loss, held-out exact match", title_fontsize=7)
+    ax.legend(fontsize=7, ncol=2, loc="upper right", title="final loss, held-out exact match", title_fontsize=7)
     return ax
