@@ -33,7 +33,7 @@
 # - why an MoE layer must not drop tokens at inference, and how much faster GRPO's rollouts get
 #
 # **Prerequisites**: notebook 02 (attention, RoPE, RMSNorm) and notebook 04 (the MoE model and its
-# checkpoint; a trained one ships with the course). **Time to run**: CPU (2 cores): ~1.5 min · GPU: not yet measured.
+# checkpoint; a trained one ships with the course). **Time to run**: CPU (2 cores): 1 min 0 s – 1 min 22 s (3 runs, as the README's course map measures) · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -324,31 +324,66 @@ def mla_keys_values(x, w_dkv, norm_weight, w_uk, w_uv, n_heads, eps=1e-5):  # x 
 checks.check_mla_kv(mla_keys_values)  # the same as moe_lab.model.mla.MultiHeadLatentAttention's latent and up-projections
 
 # %% [markdown]
-# **Position: the decoupled RoPE key.** RoPE cannot act on $k^C$. A rotation $R_t$ sits between
-# the query and the key, $q^\top R_{t-s} W^{UK} c_s$, and depends on the positions, so $W^{UK}$
-# can no longer be merged into the query once for all positions (section 7 needs that). DeepSeek-V2
-# therefore carries position in a separate part. Each head's query gets $d_h^R$ extra numbers,
-# $q^R_h$, and all heads share one key $k^R = \mathrm{RoPE}(x W^{KR})$ of width $d_h^R$, which is
-# cached too. A head's score is
+# **Position: the decoupled RoPE key.** Vectors are rows here, as in the code ($x W$ is `x @ w`), and
+# $R_t$ is RoPE's rotation at position $t$, so that $R_t R_s^\top = R_{t-s}$. RoPE cannot act on
+# $k^C$: head $h$'s score between positions $t$ and $s$ would be
+# $(q_t R_t)(c_s W^{UK}_h R_s)^\top = q_t\, R_{t-s}\, W^{UK\top}_h\, c_s^\top$. The rotation sits between
+# the query and $W^{UK}$ and changes with $t - s$, so $W^{UK}$ could no longer be merged into the query
+# once for all positions (section 7 needs that). DeepSeek-V2 therefore carries position in a separate
+# part. Each head's query has two parts: $q^C_h$, $d_h$ numbers that meet the keys rebuilt from the
+# latent and are never rotated, and $q^R_h$, $d_h^R$ extra numbers that are. The code calls them
+# `q_nope` ("no position encoding", DeepSeek's own name) and `q_rope`. All heads share one key
+# $k^R = \mathrm{RoPE}(x W^{KR})$ of width $d_h^R$, cached beside the latent. A head's score is
 #
 # $$\frac{q^C_h \cdot k^C_h + q^R_h \cdot k^R}{\sqrt{d_h + d_h^R}}$$
 #
-# scaled by the **full** query-key width. Your function, with the weights of the package's
-# `MultiHeadLatentAttention` (an `nn.Linear` stores `w` transposed), gives the same latent, keys and
-# values as the module:
+# scaled by the **full** query-key width: it is one dot product over $d_h + d_h^R$ numbers.
+#
+# **Exercise 4.** Write MLA's own pieces. From each head's query `q (B, H, T, hd + d_r)` (`q_nope`
+# first, then `q_rope`, not yet rotated), the keys `k (B, H, T, hd)` of exercise 3, and `x (B, T, d_model)`
+# with `w_kr (d_model, d_r)` and the tables `cos, sin (T, d_r/2)` of positions $0..T-1$, return the
+# scores `(B, H, T, T)` before the causal mask and the softmax, and the shared RoPE key
+# `k_rope (B, T, d_r)` as the cache holds it. (`apply_rope` rotates any `(..., T, width)`.)
+
+# %%
+def mla_scores(q, k, x, w_kr, cos, sin):  # -> scores (B, H, T, T), k_rope (B, T, d_r)
+    # BEGIN SOLUTION
+    hd = k.shape[-1]
+    q_nope, q_rope = q.split([hd, q.shape[-1] - hd], dim=-1)  # position only in the last d_r numbers
+    k_rope = apply_rope(x @ w_kr, cos, sin)  # (B, T, d_r): one key per token, shared by every head
+    q_rope = apply_rope(q_rope, cos, sin)
+    scores = q_nope @ k.transpose(-1, -2) + q_rope @ k_rope[:, None].transpose(-1, -2)  # (B, H, T, T)
+    return scores / q.shape[-1] ** 0.5, k_rope  # scaled by the full query-key width hd + d_r
+    # END SOLUTION
+
+
+checks.check_mla_scores(mla_scores)  # the same as moe_lab.model.mla.MultiHeadLatentAttention's plain forward
+
+# %% [markdown]
+# Your two functions, with the weights of the package's `MultiHeadLatentAttention` (an `nn.Linear`
+# stores `w` transposed), then a causal softmax and the output projection, give the module's output;
+# the latent and the RoPE key are what its cache holds:
 
 # %%
 from moe_lab.model.mla import MultiHeadLatentAttention
 
 torch.manual_seed(1)
 mla = MultiHeadLatentAttention(d_model=32, n_heads=4, max_seq_len=64, kv_rank=12, rope_dim=4)
-x = torch.randn(2, 10, 32)
+B, T, H, hd, d_r = 2, 10, 4, 8, 4
+x = torch.randn(B, T, 32)
 with torch.no_grad():
-    c, k, v = mla_keys_values(x, mla.w_dkv.weight.T, mla.kv_norm.weight, mla.w_uk.weight.T, mla.w_uv.weight.T, 4)
-    c_module, k_rope = mla.latent(x, pos=0)  # what the module caches: (B, T, d_c) and (B, T, d_r)
+    c, k, v = mla_keys_values(x, mla.w_dkv.weight.T, mla.kv_norm.weight, mla.w_uk.weight.T, mla.w_uv.weight.T, H)
+    q = mla.w_q(x).view(B, T, H, hd + d_r).transpose(1, 2)  # (B, H, T, hd + d_r): q_nope, then q_rope
+    scores, k_rope = mla_scores(q, k, x, mla.w_kr.weight.T, mla.cos[:T], mla.sin[:T])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    y = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v  # (B, H, T, hd)
+    yours = mla.w_o(y.transpose(1, 2).reshape(B, T, H * hd))
+    module = mla(x)
+    c_module, k_rope_module = mla.latent(x, pos=0)  # what the module caches: (B, T, d_c) and (B, T, d_r)
 print("latent", tuple(c.shape), "| keys", tuple(k.shape), "| RoPE key", tuple(k_rope.shape), "| scale 1/sqrt(hd + d_r) =",
-      f"{mla.scale:.4f}")
-assert torch.allclose(c, c_module, atol=1e-6)
+      f"{mla.scale:.4f}", f"| yours vs the module: largest difference {(yours - module).abs().max():.1e}")
+assert torch.allclose(c, c_module, atol=1e-6) and torch.allclose(k_rope, k_rope_module, atol=1e-6)
+assert torch.allclose(yours, module, atol=1e-5)
 
 # %% [markdown]
 # ## 7. The absorbed form: attention over the latent
@@ -362,7 +397,7 @@ assert torch.allclose(c, c_module, atol=1e-6)
 # and attends directly over the cached $c$. Likewise $\sum_s p_s\, (c_s W^{UV}_h) W^O_h = (\sum_s p_s c_s)
 # (W^{UV}_h W^O_h)$: $W^{UV}$ folds into the output projection. No key or value is ever rebuilt.
 #
-# **Exercise 4.** Move the queries into the latent space: from `q_nope (B, H, T, hd)` and
+# **Exercise 5.** Move the queries into the latent space: from `q_nope (B, H, T, hd)` and
 # `w_uk (d_c, H * hd)`, return `q_latent (B, H, T, d_c)` with `q_latent · c = q_nope · (c @ w_uk_h)`.
 
 # %%
@@ -401,13 +436,80 @@ assert torch.allclose(absorbed, plain, atol=1e-5) and torch.allclose(cached, pla
 assert set(cache.buffers) == {"c_kv", "k_rope"}
 
 # %% [markdown]
-# Is the absorbed form cheaper? Per cached token and head it does $d_c + d_h^R$ multiply-adds for
-# the score and $d_c$ for the value, instead of rebuilding $2 d_h$ numbers from $d_c$ (and
-# DeepSeek-V3's $d_c = 512$ is 4 heads' worth of $d_h = 128$, so the latent attention itself is
-# wider). The decisive saving is memory traffic: a decode step is limited by reading the cache, and
-# the latent cache is 57 times smaller than MHA's. Serving engines (vLLM, SGLang) typically use the
-# absorbed form for decoding and the plain one for long prefills, where keys and values are built once
-# anyway; DeepSeek-V3's own reference inference code runs one form for both (absorbed by default).
+# **Is the absorbed form cheaper?** Compare the two forms on the same job: one decoded token, one
+# layer, batch 1, with $S$ tokens in the same latent cache and the same weights. Both read the cache
+# ($S(d_c + d_h^R)$ numbers) and the weights, and both project the new token's query, latent, RoPE key
+# and output. What differs:
+#
+# | | plain form | absorbed form |
+# |---|---|---|
+# | rebuild from the latent | all cached keys and values: $2 S d_c n_h d_h$ multiply-adds | nothing |
+# | move into the latent | nothing | the new query and the output: $2 n_h d_h d_c$ multiply-adds |
+# | attend, per cached token and head | $(d_h + d_h^R) + d_h$ | $(d_c + d_h^R) + d_c$: wider |
+# | extra memory traffic | the rebuilt keys and values, written then read: $4 S n_h d_h$ numbers | none |
+#
+# The rebuild grows with the context, the absorption does not. Counted for the course's MLA twin
+# (the cpu preset, at its longest context) and for DeepSeek-V3's sizes (FLOPs = 2 × multiply-adds,
+# `moe_lab.core.cost.matmul_flops`):
+
+# %%
+from moe_lab.core import cost
+
+
+def mla_decode_costs(d_model, n_heads, hd, d_r, d_c, S, itemsize):
+    """FLOPs and bytes of one attention layer for one decoded token (batch 1, S tokens cached), per form and part."""
+    mm, H = cost.matmul_flops, n_heads
+    weights = (d_model * (d_c + d_r) + d_model * H * (hd + d_r)  # W_DKV and W_KR, W_Q
+               + 2 * d_c * H * hd + H * hd * d_model)  # W_UK and W_UV, W_O
+    shared = {"project the new token":  # its latent and RoPE key, its query, the output
+              mm(1, d_c + d_r, d_model) + mm(1, H * (hd + d_r), d_model) + mm(1, d_model, H * hd)}
+    plain = {**shared, "rebuild keys and values": 2 * mm(S, H * hd, d_c),
+             "attend": H * (mm(1, S, hd + d_r) + mm(1, hd, S))}
+    absorbed = {**shared, "move query and output": 2 * H * mm(1, d_c, hd),
+                "attend over the latent": H * (mm(1, S, d_c + d_r) + mm(1, d_c, S))}
+    read = (weights + S * (d_c + d_r)) * itemsize  # the weights and the latent cache, read by both forms
+    return {"plain": (plain, read + 4 * S * H * hd * itemsize), "absorbed": (absorbed, read)}
+
+
+def si(x, unit):
+    return next(f"{x / f:.3g} {p}{unit}" for f, p in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")) if x >= f or f == 1)
+
+
+twin = mla_twin(preset("cpu").moe)
+sizes_compared = {  # name: (d_model, heads, hd, d_r, d_c, context S, bytes per number)
+    f"course MLA twin (cpu preset), S={twin.max_seq_len}, float32": (
+        twin.d_model, twin.n_heads, twin.d_model // twin.n_heads, twin.rope_dim, twin.kv_rank, twin.max_seq_len, 4),
+    "DeepSeek-V3's sizes, S=4096, bf16": (7168, 128, 128, 64, 512, 4096, 2),  # d_model from its config; queries full-rank
+}
+ratios = {}
+for name, args in sizes_compared.items():
+    costs = mla_decode_costs(*args)
+    print(f"{name}, one decoded token, one layer:")
+    for form, (parts, n_bytes) in costs.items():
+        print(f"  {form:<9} {si(sum(parts.values()), 'FLOP'):>11} {si(n_bytes, 'B'):>9}   ("
+              + ", ".join(f"{part} {si(f, 'FLOP')}" for part, f in parts.items()) + ")")
+    (plain, plain_bytes), (absorbed, absorbed_bytes) = costs["plain"], costs["absorbed"]
+    ratios[name] = sum(plain.values()) / sum(absorbed.values()), plain_bytes / absorbed_bytes, \
+        plain["rebuild keys and values"] / absorbed["attend over the latent"]
+    print(f"  plain / absorbed: {ratios[name][0]:.1f}x the FLOPs, {ratios[name][1]:.2f}x the bytes; the rebuild alone "
+          f"costs {ratios[name][2]:.0f}x the absorbed form's wider attention")
+(course_flops, course_bytes, _), (v3_flops, _, v3_rebuild) = ratios.values()
+assert 6 < course_flops < 10 and 1.5 < course_bytes < 2.5  # what the prose below says
+assert v3_flops > 50 and v3_rebuild > 100
+
+# %% [markdown]
+# Yes, by more as the context grows. At the course's size and longest context the absorbed form
+# does about 8 times fewer FLOPs and moves about half the bytes; at DeepSeek-V3's sizes and 4096
+# tokens the plain form spends some 80 times more FLOPs, nearly all of them rebuilding keys and values
+# that the absorbed form never builds (the printed parts). The absorbed attention is wider ($d_c = 512$
+# is four heads' worth of $d_h = 128$), but that cost, per cached token like the rebuild it replaces,
+# is over a hundred times smaller. The bytes count the rebuilt keys and values as written and read
+# back once; a kernel that fuses the rebuild into attention saves that traffic, not the FLOPs. Against
+# MHA the saving is memory: a long decode step is limited by reading the cache, and the latent cache is
+# 57 times smaller than MHA's (section 5). Serving engines (vLLM, SGLang) typically use the absorbed
+# form for decoding and the plain one for long prefills, where keys and values are built once for many
+# queries anyway; DeepSeek-V3's own reference inference code runs one
+# form for both (absorbed by default).
 #
 # ## 8. MLA against MHA at equal parameters
 #
@@ -418,6 +520,7 @@ assert set(cache.buffers) == {"c_kv", "k_rope"}
 # %%
 from dataclasses import replace
 
+from moe_lab.course import plots
 from moe_lab.studies.mla_study import attention_params, is_current, load_record, train_one
 
 p = preset(rt.mode)
@@ -447,13 +550,7 @@ for name, run in live.items():
 axes[0].set(xlabel="step", ylabel="validation loss", title=f"live: {live_steps} steps, seed 0 ({rt.mode} preset)")
 axes[0].legend()
 if record is not None:
-    for name, color in (("mha", "C0"), ("mla", "C1")):
-        for i, run in enumerate(record["runs"][name]):
-            axes[1].plot(run["eval_step"], run["val_loss"], color=color, lw=1, alpha=0.8,
-                         label=f"{name.upper()}" if i == 0 else None)
-    axes[1].set(xlabel="step", ylabel="validation loss", ylim=(0.6, 2.3),
-                title=f"recorded: {record['preset']} preset, {record['steps']} steps, seeds {record['seeds']}")
-    axes[1].legend()
+    plots.plot_mla_record(record, ax=axes[1])  # a colour per attention, a line style per seed (solid, dashed, dotted)
 else:
     axes[1].set_axis_off()
     axes[1].text(0.1, 0.5, "no recorded comparison here (data/records/ is not installed on Colab)")
@@ -483,20 +580,23 @@ if record is not None:
     assert len(record["seeds"]) >= 2 and s["verdict"] == "no consistent winner across seeds"  # what the prose below says
     stalled = {name: [r["seed"] for r in record["runs"][name] if r["heldout_exact_match"] < 0.5] for name in ("mha", "mla")}
     print("runs that never got the carries right (held-out exact match < 50 %):", stalled)
+    learned = [i for i, seed in enumerate(record["seeds"]) if seed not in stalled["mha"] + stalled["mla"]]
+    assert record["seeds"] == [0, 1, 2] and stalled == {"mha": [1], "mla": []}  # the prose below, seed by seed
+    assert all(0 < s["diff_mla_minus_mha"][i] < 0.1 for i in learned)
 
 # %% [markdown]
 # At the course's size there is no consistent winner over three seeds (the assertion above keeps this
-# sentence honest if the record is re-made). On the two seeds where both models learned the carries,
-# MHA ended lower, by less than a tenth of a nat; on the third, MHA never got them (the cliff of
-# notebook 04: its held-out exact match stayed near 10 %, which is why the course's training command
-# restarts such a run) and MLA came out far ahead. Three seeds of a run with a cliff in it cannot
-# rank the two; what they do show is that MLA, with a cache 3.5 times smaller, trains about as well
-# here. Read it with its scale in mind: the heads are a few dozen numbers wide and the latent about
-# as small, and MLA's extra matmuls cost time per step on a CPU. DeepSeek-V2 reports MLA
-# *better* than MHA on MoE models of about 16B and 250B total parameters (its appendix D.2), where
-# heads are 128 wide and the cache
-# saving is what makes long contexts affordable. MLA is a memory trade first; whether it also
-# helps quality depends on scale, which this course cannot test on 2 cores.
+# sentence honest if the record is re-made). On the two seeds where both models learned the carries
+# (0 and 2: the solid and dotted lines), MHA ended lower, by less than a tenth of a nat; on seed 1 (the
+# dashed lines), MHA never got them (the cliff of notebook 04: its held-out exact match stayed near
+# 10 %, which is why the course's training command restarts such a run) and MLA came out far ahead.
+# Three seeds of a run with a cliff in it cannot rank the two; what they do show is that MLA, with a
+# cache 3.5 times smaller, trains about as well here. Read it with its scale in mind: the heads are 16
+# numbers wide and the latent 29, and MLA's extra matmuls cost time per step on a CPU. DeepSeek-V2
+# reports MLA *better* than MHA on MoE models of about 16B and 250B total parameters (its appendix
+# D.2), where heads are 128 wide and the cache saving is what makes long contexts affordable. MLA is
+# a memory trade first; whether it also helps quality depends on scale, which this course cannot test
+# on 2 cores.
 #
 # ## 9. Faster GRPO rollouts
 #
@@ -516,7 +616,7 @@ print(f"rollouts of one GRPO step (32 x 8): {roll['median_s']['uncached'] * 1e3:
       f"{roll['median_s']['cached'] * 1e3:.0f} ms with it (medians): {roll['speedup_median']:.1f}x "
       f"(pairs {roll['speedup_min']:.1f}x-{roll['speedup_max']:.1f}x); the same completions: {roll['same_completions']}")
 assert roll["same_completions"]  # the cache changes the speed, not the samples
-if rt.device.type == "cpu":  # 2.2-2.5x inside this notebook on 2 cores; a GPU runs both paths launch-bound
+if rt.device.type == "cpu":  # medians of 2.2-3.0x in runs of this notebook on 2 cores; a GPU runs both launch-bound
     assert roll["speedup_median"] > 1.5
 
 # %% [markdown]
@@ -541,6 +641,7 @@ if rt.device.type == "cpu":  # 2.2-2.5x inside this notebook on 2 cores; a GPU r
 # - **MLA's head sizes** follow the course's `d_model / n_heads`; DeepSeek-V3 sets its nope, rope and
 #   value widths separately (128, 64, 128) and uses 128 heads of width 128 on a 7168-wide model.
 # - **The absorbed weights are recomputed at every call** (cheap here); an engine computes them once.
+#   Section 7's counts take the queries full-rank; DeepSeek-V3's go through a 1536-wide latent of their own.
 #
 # ## Summary
 # - A KV cache turns generation from re-running the prefix into one prefill and one token per step.
@@ -549,8 +650,10 @@ if rt.device.type == "cpu":  # 2.2-2.5x inside this notebook on 2 cores; a GPU r
 #   rounding (exactly in float64). MoE layers drop no token at inference, so this holds with a capacity factor too.
 # - The cache costs memory per token: $2 n_h d_h$ numbers per layer for MHA, $2 g d_h$ for GQA, $2 d_h$ for MQA,
 #   $d_c + d_h^R$ for MLA. At DeepSeek-V3's size: 4.0 MB against 70 KB per token.
-# - MLA caches a normalised latent and one shared RoPE key; the scores are scaled by the full query-key width; at
-#   inference $W^{UK}$ and $W^{UV}$ fold into the query and output projections.
+# - MLA caches a normalised latent and one shared RoPE key; position lives only in the decoupled part (`q_rope`,
+#   `k_rope`), and the scores are scaled by the full query-key width $1/\sqrt{d_h + d_h^R}$. At inference $W^{UK}$
+#   and $W^{UV}$ fold into the query and output projections: per decoded token about 8 times fewer FLOPs than
+#   rebuilding keys and values at the course's size, some 80 times fewer at DeepSeek-V3's at 4096 tokens.
 # - At equal parameters on the course model, three recorded seeds name no winner: MHA ended lower on the two where both learned the carries, MLA on the one where MHA stalled. MLA's case is memory, at scale.
 # - GRPO's rollouts use the cache: the same samples, faster.
 #

@@ -301,3 +301,26 @@ def plot_moe_layout(expert_idx, align, n_experts: int):
     ax.set_title("(c) block_expert")
     fig.tight_layout()
     return fig
+
+
+SEED_STYLES = ("-", "--", ":", "-.")  # one line style per seed of a recorded study, in the order of its seeds
+
+
+def plot_mla_record(record: dict, ax=None, ylim=(0.6, 2.3)):
+    """Notebook 10's recorded MLA-vs-MHA study: one colour per attention (MHA C0, MLA C1), one line style per
+    seed, each line labelled with its seed, final validation loss and held-out exact match, so a seed the
+    prose discusses can be found in the picture."""
+    ax = _axes(ax, figsize=(6.5, 3.8))
+    seeds = list(record["seeds"])
+    if len(seeds) > len(SEED_STYLES):
+        raise ValueError(f"plot_mla_record: record['seeds']={seeds}: at most {len(SEED_STYLES)} seeds get their own line style")
+    for name, color in (("mha", "C0"), ("mla", "C1")):
+        for run in record["runs"][name]:
+            style = SEED_STYLES[seeds.index(run["seed"])]
+            ax.plot(run["eval_step"], run["val_loss"], color=color, ls=style, lw=1.3,
+                    label=f"{name.upper()} seed {run['seed']}: {run['val_loss'][-1]:.3f}, "
+                          f"exact match {run['heldout_exact_match']:.0%}")
+    ax.set(xlabel="step", ylabel="validation loss", ylim=ylim,
+           title=f"recorded: {record['preset']} preset, {record['steps']} steps, seeds {seeds}")
+    ax.legend(fontsize=7, ncol=2, loc="upper right", title="final loss, held-out exact match", title_fontsize=7)
+    return ax

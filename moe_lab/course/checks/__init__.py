@@ -9,7 +9,8 @@ every checker fails on the stub and on plausible wrong answers, and passes on th
 Topics: setup (00), data (01), transformer (02), moe (03), training (04), kernels (05, 06, Triton),
 grpo (08), distributed (09), attention (10: the KV cache and MLA).
 """
-from moe_lab.course.checks.attention import check_absorbed_query, check_cache_append, check_mla_kv, check_rope_offset
+from moe_lab.course.checks.attention import (check_absorbed_query, check_cache_append, check_mla_kv, check_mla_scores,
+                                             check_rope_offset)
 from moe_lab.course.checks.common import CheckFailed
 from moe_lab.course.checks.data import check_next_token_shift, check_problem_line
 from moe_lab.course.checks.grpo import check_clipped_surrogate, check_group_advantages, check_kl_k3
