@@ -431,21 +431,37 @@ MATMUL_NAMES = ("mm", "gemm", "nvjet", "cutlass", "xmma")  # aten ops, cuBLAS / 
 mm_share = sum(r.share for r in top if any(n in r.name.lower() for n in MATMUL_NAMES))
 print(f"\nmatmul operators / kernels: {mm_share:.0%} of the time in the top rows")
 assert top and (rt.on_gpu or "aten::mm" in [r.name for r in top])
+ROLES = {  # what each CPU operator of the sorted back-end does (section 1's FLOPs, or moving data)
+    "aten::mm": "the three projections, once per expert: the useful FLOPs",
+    "aten::index": "the gather x[token_of]: the permuted copy of x",
+    "aten::select": "slicing each expert's rows",
+    "aten::copy_": "copies around the gather and the slicing",
+    "aten::silu": "SwiGLU's activation, one pass over an (N, f) tensor",
+    "aten::mul": "SwiGLU's product and the routing weight, one pass each",
+    "aten::cat": "stitching the expert outputs together",
+    "aten::scatter_add_": "the combine (what index_add runs on a CPU)",
+    "aten::index_add": "the combine",
+    "aten::sort": "the routing metadata (argsort by expert)",
+    "aten::bincount": "the routing metadata (rows per expert)",
+    "aten::aminmax": "the input check of expert_idx's range",
+}
+if not rt.on_gpu:
+    for r in top:
+        print(f"  {r.name:20s} {ROLES.get(r.name, 'bookkeeping: views, allocations')}")
 
 # %% [markdown]
-# How to read it (CPU names; on a GPU the rows are CUDA kernels with longer names, the same roles):
+# How to read it (CPU names; on a GPU the rows are CUDA kernels with longer names, the same roles).
+# On a CPU the cell prints the role of each operator its table lists. Grouped:
 #
-# - `aten::mm`: the three projections, once per expert each. This is the useful work: the FLOPs
-#   of section 1.
-# - `aten::index`, `aten::select`, `aten::copy_`: the gather `x[token_of]` that builds the permuted
-#   copy (N·d values written, then read twice), and the slicing around it. Pure data movement.
-# - `aten::silu`, `aten::mul`: SwiGLU and the routing weight. Each is one full pass over an (N, f)
-#   or (N, d) tensor in memory, with almost no FLOPs: memory-bound.
-# - `aten::cat`, `aten::scatter_add_` (what `index_add` runs on a CPU), `aten::zeros`: stitching
-#   the expert outputs together, and the combine. More data movement.
-# - `aten::sort` (from `argsort`), `aten::bincount`: the routing metadata. `aten::aminmax` comes
-#   from the input check of `expert_idx`'s range. These are small, but on a GPU such reductions and
-#   `.tolist()` make the CPU wait for the GPU (a host synchronisation).
+# - `aten::mm`, the three projections once per expert, is the useful work: the FLOPs of section 1.
+#   It is about half of the time here.
+# - `aten::index` (the gather `x[token_of]`, which writes the permuted copy of x) and `aten::copy_`
+#   are pure data movement, as are `aten::cat` and `aten::scatter_add_` (what `index_add` runs on a
+#   CPU), which stitch the expert outputs together and combine them.
+# - `aten::silu` and `aten::mul` are SwiGLU and the routing weight: each is one full pass over an
+#   (N, f) or (N, d) tensor in memory, with almost no FLOPs, so memory-bound.
+# - `aten::sort` (from `argsort`) builds the routing metadata. It is small, but on a GPU such
+#   reductions, and `.tolist()`, make the CPU wait for the GPU (a host synchronisation).
 #
 # Everything that is not a matmul is the overhead that fusion removes. The Triton path of notebook
 # 06 reduces it to a handful of kernels: the routing sort, `moe_up_kernel`, `moe_down_kernel` and
