@@ -519,6 +519,10 @@ ax.legend(loc="upper right")
 ax.set_title("blue: memory-bound, red: compute-bound")
 plt.show()
 assert intensity["add, 2^24 elements"] < 1 < ridge < intensity["matmul 4096^3"]
+from moe_lab.profiling import load_bench_records
+
+measured_ridges = [r["ceilings"]["ridge_flop_per_byte"] for r in load_bench_records() if r.get("ceilings")]
+assert all((v < ridge) == (v < m) for v in intensity.values() for m in measured_ridges)  # same verdicts, measured ridge
 assert intensity["matmul 16x4096x4096 (16 tokens)"] < ridge  # few rows: memory-bound, like a lightly used expert
 
 # %% [markdown]

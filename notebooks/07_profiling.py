@@ -223,6 +223,7 @@ ax.set_ylabel("arithmetic intensity (FLOP/byte, bf16)")
 ax.set_title("minimal bytes: weights of active experts + activations")
 ax.legend(fontsize=7)
 plt.show()
+assert round(ridges.get("NVIDIA H200, measured 2026-11-26", 179)) == 179  # the figure the text below quotes
 print("tokens at which each layer becomes compute-bound (intensity >= ridge):")
 for name in ("teaching", "mixtral", "fine"):
     s = bench.SHAPES[name]
@@ -365,6 +366,8 @@ for rec in records:
     plots.plot_bench_record(rec, live_rows=[r for r in live if r["tokens"] == big], live_ceilings=ceil)
     plt.show()
     targets = rec.get("targets", [])
+    if rec.get("commit") == "459cca6":  # the run the text below reads
+        assert (sum(t["met"] for t in targets), len(targets)) == (3, 22)
     if targets:  # the course's targets at that commit, each checked at several token counts
         print(f"  targets: {sum(t['met'] for t in targets)} of {len(targets)} checks met")
         by_target = {}
