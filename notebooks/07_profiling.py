@@ -403,7 +403,8 @@ for rec in records:
 # (section 8), not to bytes. At 128 tokens the fine-grained layer must stream 1.2 GB of weights,
 # 0.28 ms at the measured bandwidth; it took 1.0 ms.
 #
-# The teaching layer is the extreme case: 0.85 ms at 128 tokens, 0.09 % of its roofline. Its 16
+# The teaching layer is the extreme case: 0.85 ms at 128 tokens, about 0.1 % of its roofline (the
+# target's measure, its weight bytes over the copy bandwidth, gives 0.09 %). Its 16
 # experts' weights are 16 · 3 · 256 · 128 values, 3.1 MB in bf16, which the measured bandwidth moves
 # in 0.75 µs. Its time does not follow its bytes: the fine-grained layer moved 380 times more in
 # 1.0 ms. What the 0.85 ms measures is the fixed cost of one call, the host-side work of launching
@@ -454,17 +455,20 @@ if not rt.on_gpu:
 
 # %% [markdown]
 # How to read it (CPU names; on a GPU the rows are CUDA kernels with longer names, the same roles).
-# On a CPU the cell prints the role of each operator its table lists. Grouped:
+# On a CPU the cell prints the role of each operator its table lists. `aten::mm`, the three
+# projections once per expert, is the useful work, the FLOPs of section 1, and by far the largest
+# row. Every other row is one of four kinds:
 #
-# - `aten::mm`, the three projections once per expert, is the useful work: the FLOPs of section 1.
-#   It is about half of the time here.
-# - `aten::index` (the gather `x[token_of]`, which writes the permuted copy of x) and `aten::copy_`
-#   are pure data movement, as are `aten::cat` and `aten::scatter_add_` (what `index_add` runs on a
-#   CPU), which stitch the expert outputs together and combine them.
-# - `aten::silu` and `aten::mul` are SwiGLU and the routing weight: each is one full pass over an
-#   (N, f) or (N, d) tensor in memory, with almost no FLOPs, so memory-bound.
-# - `aten::sort` (from `argsort`) builds the routing metadata. It is small, but on a GPU such
-#   reductions, and `.tolist()`, make the CPU wait for the GPU (a host synchronisation).
+# - **data movement**: the gather `x[token_of]` (`aten::index`) that writes the permuted copy of x,
+#   the slicing and copies around it, and the stitching and combining of the expert outputs;
+# - **elementwise passes**: SwiGLU and the routing weight (`aten::silu`, `aten::mul`), each one full
+#   pass over an (N, f) or (N, d) tensor in memory with almost no FLOPs, so memory-bound;
+# - **routing metadata**: the sort by expert and the counts. Small, but on a GPU such reductions,
+#   and `.tolist()`, make the CPU wait for the GPU (a host synchronisation);
+# - **bookkeeping**: views, allocations and fills.
+#
+# Which of them reach the top ten, and in which order, changes from run to run on a shared CPU; the
+# matmuls' lead does not.
 #
 # Everything that is not a matmul is the overhead that fusion removes. The Triton path of notebook
 # 06 reduces it to a handful of kernels: the routing sort, `moe_up_kernel`, `moe_down_kernel` and
