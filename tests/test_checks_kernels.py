@@ -247,3 +247,35 @@ def _stub_launch(a, b, block=1024):
     out = torch.empty_like(a)
     _stub_kernel[(triton.cdiv(a.numel(), block),)](a, b, out, a.numel(), BLOCK=block)
     return out
+
+
+# ---- reading a kernel's source (moe_lab.checks.kernel_source) -----------------------------------
+@triton.jit
+def _positional_masks(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    keep = offs <= n - 1  # the same as offs < n
+    v = tl.load(x_ptr + offs, keep, 0.0)  # mask and other given by position
+    tl.store(y_ptr + offs, v, keep)
+
+
+def test_the_source_reader_takes_positional_masks_and_a_correct_lte():
+    """A mask given by position is a mask; `offs <= n - 1` is right; `pid * BLOCK` is an offset, not a stride."""
+    from moe_lab.checks import kernel_source
+
+    (k,) = kernel_source.kernels_of(_act_with(_positional_masks))
+    assert k.name == "_positional_masks" and [a.kind for a in k.accesses] == ["load", "store"]
+    assert kernel_source.unmasked(k, "load") == kernel_source.unmasked(k, "store") == []
+    assert kernel_source.masks_with_lte(k) == [] and kernel_source.block_as_stride(k) == []
+
+
+def test_the_source_reader_names_what_the_wrong_kernels_do():
+    from moe_lab.checks import kernel_source
+
+    (k,) = kernel_source.kernels_of(_act_with(_act_loads_unmasked))
+    assert kernel_source.unmasked(k, "load") == ["a_ptr", "b_ptr"] and kernel_source.unmasked(k, "store") == []
+    (k,) = kernel_source.kernels_of(_act_with(_act_lte))
+    assert {a.kind for a in kernel_source.masks_with_lte(k)} == {"load", "store"}
+    (k,) = kernel_source.kernels_of(_combine_with(_combine_block_stride))
+    assert kernel_source.block_as_stride(k) == [("buf_ptr", "BLOCK_D")]
+    assert kernel_source.kernels_of(lambda a, b: a + b) == []  # no kernel: nothing to read, nothing reported
