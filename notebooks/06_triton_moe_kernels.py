@@ -23,9 +23,15 @@
 # Triton kernels, the design used by MegaBlocks, ScatterMoE and vLLM's fused MoE:
 #
 # 1. **route-sort**: sort the token copies by expert and pad each expert's rows to whole blocks (routing metadata, no data moved)
-# 2. **up-projection**: one *grouped GEMM* that gathers token rows itself and applies SwiGLU in its epilogue
+# 2. **up-projection**: one *grouped GEMM* (GEMM: GEneral Matrix Multiply, C = A @ B; grouped: one launch for
+#    all experts) that gathers token rows itself and applies SwiGLU in its epilogue
 # 3. **down-projection**: a grouped GEMM that multiplies by the routing weight in its epilogue, then a deterministic **combine**
 # 4. **backward**: the same layout, run in reverse, inside a `torch.autograd.Function`
+#
+# A GEMM kernel loops over K to build a tile of C. Its **prologue** is the code before that loop
+# (here: finding which rows and which expert to read), its **epilogue** the code after it, run on the
+# finished tile while it is still in registers (here: SwiGLU, the routing weight). Work fused there
+# costs no extra trip through memory.
 #
 # At the end, the MoE layer of notebook 03 and a whole transformer training step run on these
 # kernels and match the `reference` back-end, in outputs and in gradients.
@@ -102,9 +108,13 @@ print("assignments a = t*top_k + j:", {t * top_k + j: int(expert_idx[t, j]) for 
 # | `block_expert` | (max_blocks,) | the expert of each block; `-1` for blocks past the last used row |
 #
 # Notice that the layout stores *indices*: no activation is copied. The token of row r is
-# `sorted_ids[r] // top_k`. `max_rows` is an upper bound that depends only on the sizes,
-# `T*top_k + min(E, T*top_k) * (block_m - 1)`. The buffers can therefore be allocated without
-# waiting for the GPU to report how many rows each expert really got (no host synchronisation).
+# `sorted_ids[r] // top_k`. `max_rows` is an upper bound that depends only on the sizes: each of at
+# most `min(E, T*top_k)` non-empty experts wastes at most `block_m - 1` rows, so
+# `T*top_k + min(E, T*top_k) * (block_m - 1)` rows suffice, rounded up to a whole number of blocks
+# (`block_expert` has one entry per block): `moe_lab.core.cost.max_padded_rows`. For the 7 tokens below,
+# with `block_m = 4`: 14 + 4·3 = 26, rounded up to 28 rows, 7 blocks. The buffers can therefore be
+# allocated without waiting for the GPU to report how many rows each expert really got (no host
+# synchronisation).
 #
 # Build it with torch ops, step by step:
 
@@ -142,6 +152,9 @@ for name, mine in zip(("counts", "offsets", "sorted_ids", "block_expert"), layou
 ref_offsets, ref_ids, ref_blocks = moe_align_reference(expert_idx.cpu(), E, 4)  # plain Python loops
 assert layout[1].tolist() == ref_offsets and layout[2][: ref_offsets[-1]].tolist() == ref_ids
 print("align_torch == moe_align == moe_align_reference")
+bound = T * top_k + min(E, T * top_k) * (4 - 1)  # before rounding up to whole blocks
+print(f"max_rows: bound {bound}, rounded up to whole blocks of 4: {align.max_rows} rows, {align.max_rows // 4} blocks")
+assert (bound, align.max_rows) == (26, 28) and len(layout[3]) == align.max_rows // 4
 
 # %% [markdown]
 # Here is the layout as a picture (`moe_lab.course.plots.plot_moe_layout`). On the left, which expert each
@@ -155,8 +168,8 @@ plt.show()
 # %% [markdown]
 # Expert 0 has 5 rows, padded to 8 (two blocks). Expert 1 has 3 rows, padded to 4. Expert 2 has 5,
 # padded to 8. Expert 3 has none and takes no block at all. The dropped assignment `a=5` has no row,
-# so it costs no compute. The last two blocks are spare room that the worst-case bound reserved:
-# their `block_expert` is -1, and their programs return immediately.
+# so it costs no compute. That is 5 of the 7 blocks of `max_rows = 28`; the last two are spare room
+# that the worst-case bound reserved: their `block_expert` is -1, and their programs return immediately.
 #
 # Now a harder case for the check: random routing with 20% of assignments dropped, one expert never
 # chosen, and several block sizes:
@@ -172,9 +185,10 @@ for bm in (1, 4, 16, 32):
 print("align_torch == moe_align on 53 tokens, top-3, 7 experts, block_m in 1, 4, 16, 32")
 
 # %% [markdown]
-# **What padding costs.** Padding rows are multiplied like real rows (then thrown away), so the
-# wasted compute is `offsets[E] / (rows routed) - 1` (`moe_lab.core.cost.padded_rows` pads each count). For an expert, that is at most
-# `block_m - 1` rows. This matters when experts are many and get few tokens each, as with
+# **What padding costs.** Padding rows are multiplied like real rows (then thrown away). The table
+# below gives the **padding overhead**: padding rows divided by the rows routed,
+# `offsets[E] / (rows routed) - 1`, the extra work over what the routing asked for
+# (`moe_lab.core.cost.padded_rows` pads each count). For an expert, the padding is at most `block_m - 1` rows. This matters when experts are many and get few tokens each, as with
 # DeepSeek-V3's 256 fine-grained experts:
 
 # %%
@@ -189,10 +203,14 @@ for n_tok, n_exp, kk in [(8192, 16, 2), (4096, 64, 6), (4096, 256, 8), (512, 256
     print(f"{n_tok:>7} {n_exp:>4} {kk:>5} {n_tok * kk / n_exp:>11.0f} | " + "  ".join(f"{o:6.1%}" for o in row))
 assert all(r == sorted(r) for r in overheads.values())  # bigger blocks, more padding
 assert overheads[(512, 256, 8)][-1] > 1.0  # 16 rows per expert in blocks of 128: most of the work is padding
+assert overheads[(8192, 16, 2)][-1] < 0.1 and overheads[(4096, 64, 6)][1] < 0.05  # "a few percent"
+assert overheads[(4096, 64, 6)][-1] > 0.15  # 384 rows per expert in blocks of 128: no longer a few percent
 
 # %% [markdown]
-# With hundreds of rows per expert, padding costs a few percent. With 16 rows per expert, blocks of
-# 128 rows would be mostly padding. Without other information, `moe_lab.kernels.moe_gemm.pick_block_m`
+# Padding costs a few percent only with many rows per expert compared with the block: 6 % at 1,024
+# rows per expert in blocks of 128, 4 % at 384 rows in blocks of 32. At 384 rows per expert, blocks
+# of 128 already add 18 %, and at 128 rows they add 47 %. With 16 rows per expert, blocks of 128
+# would be mostly padding (7 padding rows for every routed one). Without other information, `moe_lab.kernels.moe_gemm.pick_block_m`
 # therefore picks a block near the average rows per expert: at least 16 (compiled `tl.dot` needs
 # that) and at most 128 (32 under the interpreter). On a GPU with a tuned table (notebook 07), the
 # table names the row block that measured fastest for the layer's shape and token count.
@@ -201,7 +219,12 @@ assert overheads[(512, 256, 8)][-1] > 1.0  # 16 rows per expert in blocks of 128
 # rows per expert alone: padded rows, the wasted fraction, the blocks used and allocated, and the
 # programs of one projection (rows × d) @ (d × f) over it. Below: 512 tokens routed top-6 over 64
 # experts (48 rows per expert on average) in blocks of 64, checked against `moe_align`, then an
-# explorer. Watch the waste fall as BLOCK_M shrinks or the tokens grow.
+# explorer. Its summary states the same padding two ways: as a share of the rows computed
+# (padding / padded rows, "of them padding", the figure's title) and as the overhead of the table
+# above (padding / routed rows). With 3,072 routed rows padded to 4,160, that is 1,088 / 4,160 =
+# 26.2 % and 1,088 / 3,072 = 35.4 %. In the figure, each bar is one expert's rows and the dashed
+# lines are block boundaries: every padded bar ends on one. Watch the waste fall as BLOCK_M shrinks
+# or the tokens grow.
 
 # %%
 from moe_lab.course import tiling
@@ -212,6 +235,9 @@ al_p = moe_align(idx_p, 64, 64)
 pad = tiling.grouped_gemm_tiling(al_p.counts.tolist(), block_m=64, k=1024, n=512, block_n=128, n_assignments=idx_p.numel())
 assert pad.offsets == tuple(al_p.offsets.tolist()) and pad.max_blocks == al_p.max_blocks  # the kernels' layout
 assert pad.used_blocks == int((al_p.block_expert >= 0).sum())
+padding_rows = pad.padded_rows - pad.real_rows
+assert (pad.real_rows, pad.padded_rows) == (3072, 4160)  # the counts the prose above quotes
+assert abs(pad.waste_fraction - padding_rows / pad.padded_rows) < 1e-12 and abs(pad.overhead - padding_rows / pad.real_rows) < 1e-12
 print(pad.summary())
 tiling.plot_moe_padding(pad)
 plt.show()
@@ -391,7 +417,9 @@ print("down + combine == torch == experts_reference; ordered combine reproducibl
 # this order, it adds row `t * TOP_K + j` of `buf` if that assignment is routed (its expert is not
 # -1). Rows of dropped assignments are never read: the check fills them with NaN, so reading one
 # shows. Accumulate in float32, cast on store, and mask the ragged edges of T and d.
-# (Hint: `tl.static_range(TOP_K)` unrolls the loop at compile time.)
+# (Hint: `tl.static_range(TOP_K)` unrolls the loop at compile time.) The check also reads your
+# kernel: every `tl.load` and `tl.store` needs a mask, because a load past the last token changes no
+# value it could compare, yet on a GPU it reads memory past the tensor.
 
 # %%
 import triton
@@ -693,8 +721,9 @@ else:
 # and nothing in what they compute (the tests run every configuration against the reference):
 #
 # 1. **Configurations tuned ahead, per device**: tiles, GROUP_M, warps and stages come from
-#    `data/kernel_tables/<device>.json` (`python -m moe_lab tune`), looked up, not timed, at run
-#    time; `config_table.describe(last_choice())` says what ran and why.
+#    `data/kernel_tables/<device>.json` (written by `python -m moe_lab tune` on that GPU), looked
+#    up, not timed, at run time. No such table ships yet, so every GPU uses a documented heuristic
+#    that fits its shared memory; `config_table.describe(last_choice())` says what ran and why.
 # 2. **Row blocks up to 128** where experts hold many rows: each weight tile in shared memory serves
 #    more rows (more FLOPs per byte), at the cost of padding where experts hold few.
 # 3. **Grouped program order** (`GROUP_M`) decides what stays in L2: a row block's gathered rows, or
@@ -703,8 +732,13 @@ else:
 # 5. **The layout in one Triton program** for small layers (`moe_align_triton`), and one host
 #    synchronisation for the input check: at small sizes launches, not FLOPs, set the time.
 #
-# Notebook 07 shows what each bought on a recorded GPU run, knob by knob, and the layer before and
-# after, next to `torch._grouped_mm` and a dense matmul of equal FLOPs.
+# What notebook 07 shows today: the one recorded GPU run (an H200, `data/bench/`), with the `triton`
+# layer next to `torch._grouped_mm` and a dense matmul of equal FLOPs, the course's speed targets and
+# how far that run is from them. That run predates the tables (its kernels autotuned on every new
+# shape), so it cannot say what each change bought. 07 has the cells for that, and they fill in once
+# the data exists: what each knob bought, from a recorded tuning run (`python -m moe_lab tune
+# --timings data/tune/<device>.json`), and the layer before and after, from a second bench run of the
+# same device.
 #
 # ## Summary
 # - **Layout first.** `moe_align` sorts the T·top_k assignments by expert and pads each expert to
@@ -720,8 +754,9 @@ else:
 #   over the expert's rows give dW1, dW3 and dW2, each written exactly once, with no atomics.
 # - **Checked at every step** against torch written from the formulas, against `experts_reference`
 #   (itself checked with `gradcheck`), and in a full layer and a full training step.
-# - **Speed comes from configuration and order, not from a different function**: tuned tables per
-#   device, larger row blocks, grouped program order, no recompilation per size, fewer launches.
+# - **Speed comes from configuration and order, not from a different function**: configurations
+#   chosen per device (a tuned table where one exists, a heuristic otherwise), larger row blocks,
+#   grouped program order, no recompilation per size, fewer launches.
 #
 # ## Papers and further reading
 # - Gale, Narayanan, Young, Zaharia. *MegaBlocks: efficient sparse training with mixture-of-experts* (2022): block-sparse, dropless MoE.

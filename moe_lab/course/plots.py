@@ -163,7 +163,7 @@ def plot_bench_tokens(record: dict, shape: str, mode: str = "forward", ax=None, 
     ax.set_yscale("log")
     ax.set_xlabel("tokens")
     ax.set_ylabel("TFLOP/s" if metric == "tflops" else "GB/s (weights + activations)")
-    ax.set_title(f"{shape}, {mode}: {record_label(record)}", fontsize=9)
+    ax.set_title(f"{shape}, {mode}:\n{record_label(record)}", fontsize=9)  # two lines: panels side by side stay apart
     ax.legend(fontsize=7)
     return ax
 
@@ -206,7 +206,7 @@ def plot_bench_record(record: dict, shape: Optional[str] = None, live_rows=(), l
     Every panel names the device and date of the recording. Returns the figure."""
     if shape is None:
         shape = "fine" if ok_results(record, shape="fine") else record["results"][0]["shape"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     for ax, mode in zip(axes[:2], ("forward", "forward+backward")):
         if ok_results(record, shape=shape, **{"pass": mode}):
             plot_bench_tokens(record, shape, mode, ax=ax)
@@ -226,6 +226,8 @@ def plot_bench_record(record: dict, shape: Optional[str] = None, live_rows=(), l
     if live and live_ceilings is not None and axes[2].axison:
         plot_roofline(live_ceilings.peak_flops, live_ceilings.bandwidth, bench_points(live, color="0.6"), ax=axes[2],
                       roof_label=f"live here: {live_ceilings.device[:32]}", title=axes[2].get_title(), color="0.6")
+    if axes[2].axison:  # the roofline's legend beside it, so that no point or roof hides under it
+        axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return fig
 

@@ -349,12 +349,14 @@ def plot_moe_padding(g: GroupedGemmTiling, ax=None):
     ax.barh(experts, g.tokens_per_expert, color="C0", label="routed rows")
     ax.barh(experts, pad, left=g.tokens_per_expert, color="C3", alpha=0.35, hatch="//", label="padding")
     widest = max(g.padded_per_expert) or g.block_m
-    if widest // g.block_m <= 64:  # block boundaries, while they stay readable
+    lines = widest // g.block_m <= 64  # block boundaries, while they stay readable
+    if lines:  # drawn over the bars: a padded bar ends on a line
         for b in range(1, widest // g.block_m + 1):
-            ax.axvline(b * g.block_m, color="0.6", lw=0.5, zorder=0)
-    ax.set_xlim(0, widest)
+            ax.axvline(b * g.block_m, color="0.35", lw=0.8, ls="--", zorder=3)
+    ax.set_xlim(0, widest * 1.02)
     ax.set_ylim(E - 0.5, -0.5)  # expert 0 at the top
-    ax.set_xlabel(f"rows (grey lines: blocks of BLOCK_M = {g.block_m})")
+    ax.set_xlabel(f"rows (dashed grey lines: block boundaries, BLOCK_M = {g.block_m})" if lines
+                  else f"rows (blocks of BLOCK_M = {g.block_m})")
     ax.set_ylabel("expert")
     ax.set_title(f"{g.real_rows} rows -> {g.padded_rows} after padding: {g.waste_fraction:.1%} of the work is padding")
     ax.legend(loc="lower right", fontsize=8)

@@ -5,7 +5,7 @@ configuration of config_table.space() for each kernel of the expert path (moe_ge
 on real inputs, and writes
 
     data/kernel_tables/<device>.json    the table the kernels read at run time (config_table)
-    runs/tune/<device>-timings.json          every timing, for notebook 07's pictures (--timings)
+    data/kernel_tables/<device>-timings.json   every timing, for notebook 07's pictures (--timings)
 
 A bucket records, for each row block it tried (the layout's block_m, which all row-block kernels
 share), each kernel's winning configuration with its time and the runner-up, and which block_m was
@@ -92,7 +92,7 @@ def parse_args(argv: Optional[list] = None) -> tuple[argparse.ArgumentParser, ar
     ap.add_argument("--tokens", help="comma list of token counts (default: each shape's grid, SHAPE_TOKENS)")
     ap.add_argument("--space", default="full", choices=("full", "quick"), help="configurations per kernel")
     ap.add_argument("--out", help="table to write (default data/kernel_tables/<device>.json)")
-    ap.add_argument("--timings", help="every timing as JSON (default runs/tune/<device>-timings.json)")
+    ap.add_argument("--timings", help="every timing as JSON (default data/kernel_tables/<device>-timings.json)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="start no new bucket after this many seconds")
     ap.add_argument("--workers", type=int, help="processes that compile ahead (default: CPU cores - 2, at most 14; "
                     "0: compile while timing)")
@@ -138,7 +138,8 @@ def plan(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
     slug = machine.slugify(machine.device_name(device)) if dev_type == "cuda" else "cpu-interpreter"
     out = Path(args.out) if args.out else (paths.data_path("kernel_tables", f"{slug}.json") if dev_type == "cuda"
                                            else paths.runs_path("tune", f"{slug}.json"))
-    timings = Path(args.timings) if args.timings else paths.runs_path("tune", f"{slug}-timings.json")
+    timings = Path(args.timings) if args.timings else (paths.data_path("kernel_tables", f"{slug}-timings.json")
+                                                       if dev_type == "cuda" else paths.runs_path("tune", f"{slug}-timings.json"))
     check_outputs(ap, {"--out": out, "--timings": timings})  # before any work: a bad path costs no run
     if tokens is None:  # interleaved: every shape gets its first buckets before the budget can run out
         cases = [(s, SHAPE_TOKENS[s][i]) for i in range(max(len(SHAPE_TOKENS[s]) for s in shapes)) for s in shapes

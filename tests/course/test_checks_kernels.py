@@ -15,6 +15,8 @@ from moe_lab.course import checks  # noqa: E402
 
 
 # ---- swiglu_act (notebook 05): out = silu(a) * b ------------------------------------------------
+# Each wrong kernel is its own @triton.jit function: the checkers read the kernel's source for its
+# loads and stores, so a right variant must not share a source with an unmasked one.
 @triton.jit
 def _act_kernel(a_ptr, b_ptr, out_ptr, n, VARIANT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -27,10 +29,44 @@ def _act_kernel(a_ptr, b_ptr, out_ptr, n, VARIANT: tl.constexpr, BLOCK: tl.const
         out = b * tl.sigmoid(b) * a
     else:  # sigmoid instead of silu
         out = tl.sigmoid(a) * b
-    if VARIANT == 3:  # the store is not masked: the last block writes past the end
-        tl.store(out_ptr + offs, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty))
-    else:
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_store_unmasked(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """The loads are masked, the store is not: the last block writes past the end."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + offs, mask=offs < n).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=offs < n).to(tl.float32)
+    tl.store(out_ptr + offs, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _act_no_mask(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """No mask at all: reads and writes past the end."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + offs).to(tl.float32)
+    b = tl.load(b_ptr + offs).to(tl.float32)
+    tl.store(out_ptr + offs, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _act_lte(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """One past the end: `<=` where `<` belongs."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs <= n
+    a = tl.load(a_ptr + offs, mask=mask).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offs, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_loads_unmasked(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """The store is masked, the loads are not: every value is right, yet the last block reads past n."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + offs).to(tl.float32)
+    b = tl.load(b_ptr + offs).to(tl.float32)
+    tl.store(out_ptr + offs, (a * tl.sigmoid(a) * b).to(out_ptr.dtype.element_ty), mask=offs < n)
 
 
 def _act(variant=0, floor_grid=False):
@@ -38,6 +74,14 @@ def _act(variant=0, floor_grid=False):
         out = torch.zeros_like(a) if out is None else out
         grid = (a.numel() // block if floor_grid else triton.cdiv(a.numel(), block),)
         _act_kernel[grid](a, b, out, a.numel(), VARIANT=variant, BLOCK=block)
+        return out
+    return launch
+
+
+def _act_with(kernel):
+    def launch(a, b, block=1024, out=None):
+        out = torch.zeros_like(a) if out is None else out
+        kernel[(triton.cdiv(a.numel(), block),)](a, b, out, a.numel(), BLOCK=block)
         return out
     return launch
 
@@ -67,6 +111,41 @@ def _combine_kernel(buf_ptr, idx_ptr, y_ptr, T, d, TOP_K: tl.constexpr, VARIANT:
         tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _combine_loads_unmasked_on_t(buf_ptr, idx_ptr, y_ptr, T, d, TOP_K: tl.constexpr, STORE_MASKED: tl.constexpr,
+                                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """No offs_t < T on the loads: the last block of tokens reads expert_idx and buf past their ends."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        a = offs_t * TOP_K + j
+        routed = tl.load(idx_ptr + a) >= 0
+        acc += tl.load(buf_ptr + a[:, None] * d + offs_d[None, :], mask=routed[:, None] & (offs_d < d)[None, :],
+                       other=0.0).to(tl.float32)
+    ptrs = y_ptr + offs_t[:, None] * d + offs_d[None, :]
+    if STORE_MASKED:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & (offs_d < d)[None, :])
+    else:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _combine_block_stride(buf_ptr, idx_ptr, y_ptr, T, d, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Rows of buf stepped by BLOCK_D instead of d: the row stride is wrong, the masks are right."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok, d_ok = offs_t < T, offs_d < d
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        a = offs_t * TOP_K + j
+        routed = tl.load(idx_ptr + a, mask=t_ok, other=-1) >= 0
+        acc += tl.load(buf_ptr + a[:, None] * BLOCK_D + offs_d[None, :], mask=routed[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+
 def _combine(variant=0):
     def launch(buf, idx, block_t=8, block_d=16, out=None):
         T, k = idx.shape
@@ -74,6 +153,17 @@ def _combine(variant=0):
         grid = (triton.cdiv(T, block_t), triton.cdiv(buf.shape[1], block_d))
         _combine_kernel[grid](buf, idx.reshape(-1).contiguous(), y, T, buf.shape[1], TOP_K=k, VARIANT=variant,
                               BLOCK_T=block_t, BLOCK_D=block_d)
+        return y
+    return launch
+
+
+def _combine_with(kernel, **meta):
+    def launch(buf, idx, block_t=8, block_d=16, out=None):
+        T, k = idx.shape
+        y = torch.zeros(T, buf.shape[1], device=buf.device, dtype=buf.dtype) if out is None else out
+        grid = (triton.cdiv(T, block_t), triton.cdiv(buf.shape[1], block_d))
+        kernel[grid](buf, idx.reshape(-1).contiguous(), y, T, buf.shape[1], TOP_K=k, BLOCK_T=block_t, BLOCK_D=block_d,
+                     **meta)
         return y
     return launch
 
@@ -116,14 +206,22 @@ CASES = {
         (_act(variant=1), "swapped"),
         (_act(variant=2), "sigmoid\\(a\\) \\* b"),
         (_act(floor_grid=True), "last, partial block"),
-        (_act(variant=3), "wrote past element n-1"),
+        (_act_with(_act_store_unmasked), "^check_swiglu_act: your store has no mask: the last block writes past n"),
+        (_act_with(_act_no_mask), "^check_swiglu_act: your store has no mask: the last block writes past n"),
+        (_act_with(_act_lte), "^check_swiglu_act: mask offs <= n lets one element too many through"),
+        (_act_with(_act_loads_unmasked), "^check_swiglu_act: your loads of a_ptr and b_ptr have no mask: the last block reads past n"),
     ]),
     "check_combine": (_combine(), [
         (_combine(variant=1), "dropped slot"),
         (_combine(variant=2), "only slot j = 0"),
         (_combine_racy, "different bits"),
-        (_combine(variant=3), "wrote past the last row"),
+        (_combine(variant=3), "^check_combine: your store's mask lets rows past T - 1 through"),
         (_combine(variant=4), "offs_d < d"),
+        (_combine_with(_combine_loads_unmasked_on_t, STORE_MASKED=True),
+         "^check_combine: your load of idx_ptr has no mask: the last block of tokens reads past the end"),
+        (_combine_with(_combine_loads_unmasked_on_t, STORE_MASKED=False),
+         "^check_combine: your store has no mask: the last block of tokens writes past row T - 1 of y"),
+        (_combine_with(_combine_block_stride), "^check_combine: row stride: your pointer to buf_ptr steps .* by BLOCK_D.*d elements apart"),
     ]),
     "check_rows_to_token_expert": (_rows_right, [
         (_rows_no_padding, "padding rows"),
@@ -149,3 +247,35 @@ def _stub_launch(a, b, block=1024):
     out = torch.empty_like(a)
     _stub_kernel[(triton.cdiv(a.numel(), block),)](a, b, out, a.numel(), BLOCK=block)
     return out
+
+
+# ---- reading a kernel's source (moe_lab.course.checks.kernel_source) -----------------------------------
+@triton.jit
+def _positional_masks(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    keep = offs <= n - 1  # the same as offs < n
+    v = tl.load(x_ptr + offs, keep, 0.0)  # mask and other given by position
+    tl.store(y_ptr + offs, v, keep)
+
+
+def test_the_source_reader_takes_positional_masks_and_a_correct_lte():
+    """A mask given by position is a mask; `offs <= n - 1` is right; `pid * BLOCK` is an offset, not a stride."""
+    from moe_lab.course.checks import kernel_source
+
+    (k,) = kernel_source.kernels_of(_act_with(_positional_masks))
+    assert k.name == "_positional_masks" and [a.kind for a in k.accesses] == ["load", "store"]
+    assert kernel_source.unmasked(k, "load") == kernel_source.unmasked(k, "store") == []
+    assert kernel_source.masks_with_lte(k) == [] and kernel_source.block_as_stride(k) == []
+
+
+def test_the_source_reader_names_what_the_wrong_kernels_do():
+    from moe_lab.course.checks import kernel_source
+
+    (k,) = kernel_source.kernels_of(_act_with(_act_loads_unmasked))
+    assert kernel_source.unmasked(k, "load") == ["a_ptr", "b_ptr"] and kernel_source.unmasked(k, "store") == []
+    (k,) = kernel_source.kernels_of(_act_with(_act_lte))
+    assert {a.kind for a in kernel_source.masks_with_lte(k)} == {"load", "store"}
+    (k,) = kernel_source.kernels_of(_combine_with(_combine_block_stride))
+    assert kernel_source.block_as_stride(k) == [("buf_ptr", "BLOCK_D")]
+    assert kernel_source.kernels_of(lambda a, b: a + b) == []  # no kernel: nothing to read, nothing reported

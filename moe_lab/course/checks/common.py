@@ -22,6 +22,11 @@ def checker(fn: Callable) -> Callable:
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except CheckFailed as e:  # shown from the learner's call: the message, not the checker's inner frames
+            short = CheckFailed(str(e))
+            short.__cause__ = e.__cause__  # the learner's own error (a kernel that failed) stays shown above
+            short.__suppress_context__ = True
+            raise short.with_traceback(None)
         except NotImplementedError as e:
             if "your turn" in str(e).lower():  # the stub of a learner notebook
                 raise CheckFailed(f"{fn.__name__}: not implemented yet ({e})") from None

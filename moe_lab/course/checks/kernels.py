@@ -4,6 +4,15 @@ reading the block-aligned layout, and the ordered combine kernel.
 Kernel checkers run the learner's launcher on float32 tensors on the CPU through Triton's
 interpreter, and on the GPU (float32, then float16) when CUDA is available. A kernel that still holds
 the learner notebook's stub fails to compile on a GPU; that is reported as "not implemented yet" too.
+
+Masks are what these exercises teach, so every mask mistake is caught, each by what shows it:
+- a store past the end: the output is a view of a larger buffer whose tail (the guard) holds
+  OUT_GUARD, a value no kernel here writes; the guard is compared exactly after every launch;
+- a wrong value at the ragged edge (a missing column mask, a last block not launched): the values;
+- a load past the end: in an elementwise kernel whose store is masked it changes no value anyone can
+  see (under the interpreter it reads the input's guard, on a GPU out of bounds), so the kernel's
+  source is read instead (moe_lab.course.checks.kernel_source): every tl.load and tl.store must have a mask.
+The source also names what the values only hint at: `offs <= n`, or a BLOCK size used as a row stride.
 """
 from __future__ import annotations
 
@@ -15,6 +24,10 @@ import torch.nn.functional as F
 
 from moe_lab.core.runtime import default_device
 from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
+from moe_lab.course.checks import kernel_source
+from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
+
+OUT_GUARD = -1234.0  # what an output's guard holds: exact in float16, far from any value these kernels write
 
 
 def _device() -> torch.device:
@@ -107,16 +120,51 @@ def _guard_intact(guard: torch.Tensor, fill: float = float("nan")) -> bool:
     return bool(torch.isnan(guard).all()) if fill != fill else bool((guard == fill).all())
 
 
+def _kernels(launcher: Callable) -> list:
+    try:
+        return kernel_source.kernels_of(launcher)
+    except Exception:  # reading the source is a diagnosis, never a reason to fail a right kernel
+        return []
+
+
+def _lte(kernels: list, kind: str):
+    """The first `offs <= n`-style comparison in a mask of a load or store (kind), as written; None if none."""
+    import ast
+
+    for k in kernels:
+        for a in kernel_source.masks_with_lte(k):
+            if a.kind == kind:
+                for c in ast.walk(ast.parse(a.mask, mode="eval")):
+                    if isinstance(c, ast.Compare) and any(isinstance(op, ast.LtE) for op in c.ops):
+                        return ast.unparse(c)
+    return None
+
+
+def _stride_mistake(name: str, kernels: list) -> None:
+    """A pointer expression that steps rows by a BLOCK size: named as a row stride."""
+    for k in kernels:
+        for base, block in kernel_source.block_as_stride(k):
+            raise CheckFailed(f"{name}: row stride: your pointer to {base} steps from one row to the next by {block}, "
+                              f"but the rows of a contiguous (rows, d) tensor are d elements apart: row a starts at "
+                              f"a * d, whatever block of columns a program owns")
+
+
+def _plural(names: list, one: str, many: str) -> str:
+    return (one if len(names) == 1 else many).format(names=" and ".join(names))
+
+
 @checker
 def check_swiglu_act(swiglu_act: Callable) -> None:
     """swiglu_act(a, b, out=None) -> silu(a) * b, elementwise, by a Triton kernel (any length).
 
-    First a length that is a multiple of the block, then ragged ones. Inputs and output are views
-    of larger buffers whose tails hold NaN, so a load or store the kernel forgot to mask shows (and
-    cannot corrupt memory)."""
+    First a length that is a multiple of the block, then ragged ones. Inputs and output are views of
+    larger buffers: the inputs' tails hold NaN, the output's tail holds OUT_GUARD and is compared
+    exactly, so a store past the end shows (and corrupts no memory). A load past the end changes no
+    value here, so the kernel's loads and stores are read from its source: each needs a mask."""
     dev = _device()
     g = torch.Generator().manual_seed(11)
     guard = 4096  # more than any block size the launcher may use
+    kernels = _kernels(swiglu_act)
     exact_ok = False
     for dtype in _dtypes():
         for n in (2048, 5_003, 37):
@@ -124,16 +172,27 @@ def check_swiglu_act(swiglu_act: Callable) -> None:
             b_v, _ = _guarded(n, (), guard, dtype, dev)
             a_v.copy_((torch.randn(n, generator=g) * 3).to(dev, dtype))
             b_v.copy_(torch.randn(n, generator=g).to(dev, dtype))
-            out_v, out_guard = _guarded(n, (), guard, dtype, dev)
+            out_v, out_guard = _guarded(n, (), guard, dtype, dev, fill=OUT_GUARD)
             got = _call_with_out("check_swiglu_act", swiglu_act, (a_v, b_v), out_v)
             expected = (F.silu(a_v.float()) * b_v.float()).to(dtype)
             rtol, atol = _tol(dtype)
-            where = f"({dtype}, n={n})"
+            where = f"({str(dtype).replace('torch.', '')}, n={n})"
             ragged = n % 1024 != 0
             if got is out_v or (isinstance(got, torch.Tensor) and got.data_ptr() == out_v.data_ptr()):
-                if not _guard_intact(out_guard):
-                    raise CheckFailed(f"check_swiglu_act {where}: the kernel wrote past element n-1 = {n - 1} of the "
-                                      f"output: the last block is partial, so mask the store with offs < n")
+                changed = out_guard != OUT_GUARD  # NaN counts as changed
+                if changed.any():
+                    past = int(changed.sum())
+                    if kernel_source_unmasked(kernels, "store"):
+                        raise CheckFailed(f"check_swiglu_act: your store has no mask: the last block writes past n "
+                                          f"({past} elements after element n-1 = {n - 1} changed {where}). Mask it "
+                                          f"with offs < n")
+                    lte = _lte(kernels, "store")
+                    if lte or (past == 1 and bool(changed[0])):
+                        raise CheckFailed(f"check_swiglu_act: mask {lte or 'offs <= n'} lets one element too many "
+                                          f"through: element n = {n} of the output was written {where}. The last "
+                                          f"valid element is n - 1: use offs < n")
+                    raise CheckFailed(f"check_swiglu_act: your store's mask lets lanes past n through: {past} elements "
+                                      f"after element n-1 = {n - 1} changed {where}. Mask the store with offs < n")
             if not isinstance(got, torch.Tensor) or got.shape != a_v.shape:
                 _compare("check_swiglu_act", got, expected)
             i = _first_bad(got, expected, rtol, atol)
@@ -141,15 +200,30 @@ def check_swiglu_act(swiglu_act: Callable) -> None:
                 exact_ok = exact_ok or not ragged
                 continue
             if torch.allclose(got.float(), F.silu(b_v.float()) * a_v.float(), rtol=rtol, atol=atol):
-                raise CheckFailed(f"check_swiglu_act {where}: a and b are swapped: the gate silu applies to a (x @ w1)")
+                raise CheckFailed(f"check_swiglu_act: a and b are swapped: the gate silu applies to a (x @ w1) {where}")
             if torch.allclose(got.float(), torch.sigmoid(a_v.float()) * b_v.float(), rtol=rtol, atol=atol):
-                raise CheckFailed(f"check_swiglu_act {where}: that is sigmoid(a) * b; silu(a) = a * sigmoid(a)")
+                raise CheckFailed(f"check_swiglu_act: that is sigmoid(a) * b; silu(a) = a * sigmoid(a) {where}")
             if ragged and exact_ok:
-                raise CheckFailed(f"check_swiglu_act {where}: right when n is a multiple of the block, wrong from element "
-                                  f"{i} of a ragged n: is the last, partial block launched (triton.cdiv) and are its "
-                                  f"loads and store masked with offs < n?")
+                raise CheckFailed(f"check_swiglu_act: right when n is a multiple of the block, wrong from element "
+                                  f"{i} of a ragged n {where}: is the last, partial block launched (triton.cdiv) and "
+                                  f"are its loads and store masked with offs < n?")
             _compare(f"check_swiglu_act {where}", got, expected, atol=atol, rtol=rtol)
+    loads = kernel_source_unmasked(kernels, "load")
+    if loads:
+        raise CheckFailed("check_swiglu_act: " + _plural(loads, "your load of {names} has", "your loads of {names} have")
+                          + " no mask: the last block reads past n. Every value is right only because the store is "
+                          "masked; on a GPU those lanes read memory past the tensor. Mask "
+                          + _plural(loads, "it", "them") + " with offs < n")
+    lte = _lte(kernels, "load")
+    if lte:
+        raise CheckFailed(f"check_swiglu_act: mask {lte} lets one element too many through: your loads read element "
+                          f"n, past the end. Use offs < n")
     _ok("check_swiglu_act")
+
+
+def kernel_source_unmasked(kernels: list, kind: str) -> list:
+    """Pointer names of the loads or stores (kind) without a mask, over the launcher's kernels."""
+    return list(dict.fromkeys(b for k in kernels for b in kernel_source.unmasked(k, kind)))
 
 
 def _layouts():
@@ -202,12 +276,15 @@ def check_combine(combine: Callable) -> None:
     """combine(buf (T*top_k, d), expert_idx (T, top_k), out=None) -> y (T, d): routed slots summed in order j = 0, 1, ...
 
     First T and d that are multiples of the launcher's blocks, then ragged ones. buf, expert_idx and
-    the output are views of larger buffers (guard rows: NaN in buf and y, expert 0 in expert_idx),
-    so a missing mask shows as a changed guard or a wrong value, never as a crash."""
+    the output are views of larger buffers (guard rows: NaN in buf, expert 0 in expert_idx, OUT_GUARD
+    in y, compared exactly), so a store past the end shows as a changed guard and a missing column mask
+    as a wrong value, never as a crash. A load past the last token changes no value (its lanes are not
+    stored), so the kernel's loads and stores are read from its source: each needs a mask."""
     dev = _device()
     g = torch.Generator().manual_seed(13)
     exact_ok = False
     guard = 64  # guard rows, more than any BLOCK_T the launcher may use
+    kernels = _kernels(combine)
     for dtype in _dtypes():
         for T, k, d in [(16, 2, 32), (37, 2, 24), (5, 3, 40)]:
             ragged = T % 8 != 0 or d % 16 != 0  # the launcher's default block_t=8, block_d=16
@@ -218,34 +295,61 @@ def check_combine(combine: Callable) -> None:
             buf.copy_(values.to(dev, dtype))
             idx_v, _ = _guarded(T, (k,), guard, torch.long, dev, fill=0)
             idx_v.copy_(idx.to(dev))
-            out_v, out_guard = _guarded(T, (d,), guard, dtype, dev)
+            out_v, out_guard = _guarded(T, (d,), guard, dtype, dev, fill=OUT_GUARD)
             routed = (idx_v >= 0)[..., None]  # (T, k, 1)
             expected = torch.where(routed, buf.view(T, k, d).float(), 0.0).sum(1).to(dtype)  # (T, d)
             got = _call_with_out("check_combine", combine, (buf, idx_v), out_v)
-            where = f"({dtype}, T={T}, top_k={k}, d={d})"
-            if isinstance(got, torch.Tensor) and got.data_ptr() == out_v.data_ptr() and not _guard_intact(out_guard):
-                raise CheckFailed(f"check_combine {where}: the kernel wrote past the last row of y: mask the store with "
-                                  f"offs_t < T (and offs_d < d)")
+            where = f"({str(dtype).replace('torch.', '')}, T={T}, top_k={k}, d={d})"
+            if isinstance(got, torch.Tensor) and got.data_ptr() == out_v.data_ptr():
+                changed = (out_guard != OUT_GUARD).any(1)  # (guard rows,) NaN counts as changed
+                if changed.any():
+                    _stride_mistake("check_combine", kernels)
+                    rows = int(changed.sum())
+                    if kernel_source_unmasked(kernels, "store"):
+                        raise CheckFailed(f"check_combine: your store has no mask: the last block of tokens writes past "
+                                          f"row T - 1 of y ({rows} rows after it changed {where}). Mask it with "
+                                          f"offs_t < T and offs_d < d")
+                    lte = _lte(kernels, "store")
+                    if lte:
+                        raise CheckFailed(f"check_combine: mask {lte} lets one row too many through: row T = {T} of y "
+                                          f"was written {where}. Use offs_t < T")
+                    raise CheckFailed(f"check_combine: your store's mask lets rows past T - 1 through: {rows} rows after "
+                                      f"the last row of y changed {where}. Mask the store with offs_t < T (and "
+                                      f"offs_d < d)")
             rtol, atol = _tol(dtype)
             if isinstance(got, torch.Tensor) and got.shape == expected.shape:
                 wrong = _first_bad(got, expected, rtol, max(atol, 1e-5))
+                if wrong is not None:
+                    _stride_mistake("check_combine", kernels)
                 if wrong is not None and ragged and exact_ok:
                     t, c = divmod(wrong, d)
-                    raise CheckFailed(f"check_combine {where}: right when T and d are multiples of the blocks, wrong at "
-                                      f"token {t}, column {c} here: mask the ragged edges, offs_t < T and offs_d < d, "
-                                      f"in the loads and in the store")
+                    raise CheckFailed(f"check_combine: right when T and d are multiples of the blocks, wrong at "
+                                      f"token {t}, column {c} here {where}: mask the ragged edges, offs_t < T and "
+                                      f"offs_d < d, in the loads and in the store")
                 if torch.isnan(got.float()).any():
                     t = int(torch.isnan(got.float()).any(1).nonzero()[0])
-                    raise CheckFailed(f"check_combine {where}: token {t}'s output is NaN: a dropped slot (expert -1) was "
-                                      f"read; its buffer row holds NaN here and must be skipped")
+                    raise CheckFailed(f"check_combine: token {t}'s output is NaN {where}: a dropped slot (expert -1) "
+                                      f"was read; its buffer row holds NaN here and must be skipped")
                 only_first = torch.where(routed[:, :1], buf.view(T, k, d)[:, :1].float(), 0.0).sum(1).to(dtype)
                 if torch.allclose(got.float(), only_first.float(), rtol=rtol, atol=atol):
-                    raise CheckFailed(f"check_combine {where}: only slot j = 0 is added: loop over all TOP_K slots")
+                    raise CheckFailed(f"check_combine: only slot j = 0 is added {where}: loop over all TOP_K slots")
             _compare(f"check_combine {where}", got, expected, atol=max(atol, 1e-5), rtol=rtol)
             exact_ok = exact_ok or not ragged
             first = got.clone()
             again = _call_with_out("check_combine", combine, (buf, idx_v), out_v)
             if not torch.equal(again, first):
-                raise CheckFailed(f"check_combine {where}: two runs give different bits: sum the slots in a fixed "
+                raise CheckFailed(f"check_combine: two runs give different bits {where}: sum the slots in a fixed "
                                   f"order, without atomics")
+    loads = kernel_source_unmasked(kernels, "load")
+    if loads:
+        raise CheckFailed("check_combine: " + _plural(loads, "your load of {names} has", "your loads of {names} have")
+                          + " no mask: the last block of tokens reads past the end of "
+                          + _plural(loads, "its tensor", "their tensors") + ". Every value is right only because the "
+                          "store is masked; on a GPU those lanes read memory past the tensor. Mask the loads of "
+                          "expert_idx with offs_t < T (other=-1: a lane past T counts as dropped), and the load of "
+                          "buf with the routed mask and offs_d < d")
+    lte = _lte(kernels, "load")
+    if lte:
+        raise CheckFailed(f"check_combine: mask {lte} lets one row too many through: your loads read past the last "
+                          f"token. Use offs_t < T")
     _ok("check_combine")
