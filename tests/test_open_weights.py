@@ -325,7 +325,7 @@ def test_the_shipped_checkpoint_exports_to_ernie_with_the_same_answers(shipped_e
                                                     return_full_text=False)]
     assert answers == solve(ours, problems)
     card = (out / "README.md").read_text()
-    assert "license: mit" in card and f"{extra['final_heldout_exact_match']:.1%}" in card and extra["command"] in card
+    assert "license: mit" in card and f"{extra['heldout_exact_match']:.1%}" in card and extra["command"] in card
 
 
 # --------------------------------------------------------------------------------------------------

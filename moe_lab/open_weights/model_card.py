@@ -10,12 +10,14 @@ from moe_lab.open_weights.architectures import Architecture
 
 LICENSE = "mit"  # the course's own license (pyproject.toml): the weights are the course's work
 
-_FIGURES = [  # (metadata key, what it means, format)
-    ("final_heldout_exact_match", "held-out 3-digit additions answered exactly, greedy, end of training", "{:.1%}"),
-    ("heldout_exact_match", "held-out exact match of the snapshot", "{:.1%}"),
-    ("final_val_loss", "validation loss (nats per token) at the end of training", "{:.4f}"),
-    ("val_loss", "validation loss of the snapshot", "{:.4f}"),
-    ("steps", "optimiser steps", "{}"), ("train_seconds", "training time (s)", "{}"),
+_FIGURES = [  # (metadata key, what it means, format); keys a checkpoint lacks are left out
+    ("heldout_exact_match", "held-out 3-digit additions answered exactly (500 problems, greedy): these weights", "{:.1%}"),
+    ("val_loss", "validation loss (nats per token): these weights", "{:.4f}"),
+    ("snapshot_step", "optimiser step at which these weights were kept (the first check that reached the "
+                      "snapshot target: the starting point of the course's GRPO)", "{}"),
+    ("final_heldout_exact_match", "held-out exact match of the same run at its last step (not these weights)", "{:.1%}"),
+    ("final_val_loss", "validation loss of the same run at its last step (not these weights)", "{:.4f}"),
+    ("steps", "optimiser steps of the run", "{}"), ("train_seconds", "training time (s)", "{}"),
     ("threads", "CPU threads", "{}"), ("torch", "torch", "{}"), ("date", "date", "{}"),
 ]
 
