@@ -210,19 +210,20 @@ checks.check_half_rows(half_rows)  # the same as moe_lab.open_weights.rope.to_ha
 # %% [markdown]
 # The export applies it where the architecture needs it. A `moe_lab` model with a sigmoid router
 # (DeepSeek-V3's) and multi-head attention goes to `Glm4MoeForCausalLM`, which rotates halves: its
-# `q_proj` is our query rows through `half_rows`, and the logits agree.
+# `q_proj` is our query rows reordered as in exercise 2 (`moe_lab.open_weights.rope.to_half`), and the logits agree.
 
 # %%
 from dataclasses import replace
 
 from moe_lab.model.transformer import Transformer
+from moe_lab.open_weights.rope import to_half
 
 torch.manual_seed(0)
 sig = Transformer(replace(ours.cfg, moe=replace(ours.cfg.moe, router="sigmoid", routed_scaling=2.5))).eval()
 glm_dir = export(sig, work / "glm")
 glm = AutoModelForCausalLM.from_pretrained(glm_dir, dtype=torch.float32).eval()
 q_ours = sig.blocks[0].attn.qkv.weight[: sig.cfg.d_model]
-assert torch.equal(glm.model.layers[0].self_attn.q_proj.weight, half_rows(q_ours.detach(), sig.cfg.n_heads))
+assert torch.equal(glm.model.layers[0].self_attn.q_proj.weight, to_half(q_ours.detach(), sig.cfg.n_heads, sig.cfg.d_model // sig.cfg.n_heads))
 with torch.no_grad():
     print(type(glm).__name__, f"largest logit difference {(glm(x).logits - sig(x)[0]).abs().max().item():.1e}")
 
@@ -278,7 +279,7 @@ print(imported.cfg.attention, imported.cfg.moe.router, imported.cfg.moe.balance,
 ids = torch.randint(0, 99, (2, 32), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     reference = ds(ids).logits
-    for backend in [n for n in B.names() if B.status(n, rt.device if rt.device.type == "cuda" else "cpu") is None]:
+    for backend in [n for n in B.names() if B.status(n, "cpu", torch.float32) is None]:  # the model is on the CPU
         imported.set_backend(backend)
         gap = (imported(ids)[0] - reference).abs().max().item()
         print(f"{backend:10s} largest logit difference to transformers {gap:.1e}")
@@ -332,10 +333,10 @@ else:
         plt.xlabel("expert"), plt.ylabel("layer"), plt.colorbar(label="tokens routed")
         plt.title(f"{REAL_MODEL}: expert load on one sentence")
         plt.show()
-        h = real_ours.embed(real_ids)[0]  # the first MoE layer's input, after its attention
-        h = h + real_ours.blocks[0].attn(real_ours.blocks[0].norm1(h[None]))[0]
         layer = real_ours.moe_layers()[0]
-        with torch.no_grad():
+        with torch.no_grad():  # the first MoE layer's input: embedding, then block 0's attention
+            h = real_ours.embed(real_ids)[0]
+            h = h + real_ours.blocks[0].attn(real_ours.blocks[0].norm1(h[None]))[0]
             xin = real_ours.blocks[0].norm2(h)
             r = layer.router(xin)
             outs = {n: B.run_experts(n, xin, r.expert_idx, r.weights, layer.w1, layer.w3, layer.w2)

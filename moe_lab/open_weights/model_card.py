@@ -31,8 +31,8 @@ def model_card(cfg: ModelConfig, arch: Architecture, extra: Optional[dict], n_pa
     figures = ("| figure | value |\n|---|---|\n" + "\n".join(rows)) if rows else \
         "No figures were recorded with this model (its checkpoint's metadata holds none)."
     training = extra.get("command")
-    trained = (f"Trained with `{training}` ({extra.get('task', 'the course data')}); the checkpoint's metadata "
-               f"is reproduced at the end of this card.") if training else \
+    trained = (f"Trained with `{training}`; evaluated on: {extra.get('task', 'the course task')}. The "
+               f"checkpoint's metadata is reproduced at the end of this card.") if training else \
         "No training record came with this model (exported from a model built in memory, or a checkpoint without one)."
     meta = {k: v for k, v in extra.items() if k != "checks"}
     router = {"softmax": "softmax top-k, weights renormalised over the chosen experts",
