@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 ifeq ($(UNAME),Linux)
 	@$(BIN)/python -c "import triton" 2>/dev/null || { echo "installing $(TRITON)"; $(BIN)/python -m pip install -q $(TRITON); }
 endif
-	@$(BIN)/python -m pip install -q -e ".[lab,dev]"
+	@$(BIN)/python -m pip install -q -e ".[lab,dev,hub]"
 	@touch $(STAMP)
 	@$(BIN)/python -c "import moe_lab, torch; print('moe-lab', moe_lab.__version__, '| torch', torch.__version__)"
 

@@ -2,7 +2,7 @@
 of expert back-end names outside their registry.
 
 Rooms (README, "Layout"): core/ is the ground floor (imports nothing else of the package); the
-library (data, model, kernels, distributed, training) never imports studies/, course/ or commands/;
+library (data, model, kernels, distributed, training, open_weights) never imports studies/, course/ or commands/;
 nothing imports commands/ but the command line (moe_lab/__main__.py names them as strings).
 
 The import graph is read from the source (every `import moe_lab...` and `from moe_lab... import`,
@@ -121,7 +121,7 @@ ROOMS = {  # room -> the rooms it may import
     "course": {"core", "library", "studies", "course"},
     "commands": {"core", "library", "studies", "course", "commands"},
 }
-LIBRARY = {"data", "model", "kernels", "distributed", "training"}
+LIBRARY = {"data", "model", "kernels", "distributed", "training", "open_weights"}
 
 
 def room(module: str) -> str:

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab.core.runtime import default_device
-from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
 from moe_lab.course.checks import kernel_source
 from moe_lab.course.checks.common import CheckFailed, _compare, _ok, checker
 
