@@ -65,7 +65,7 @@ from moe_lab.data import course_task
 from moe_lab.training.evaluation import exact_match, sampled_accuracy, solve
 
 task = course_task()
-# data/checkpoints/moe_cpu.safetensors (or an earlier .pt), None if absent
+# data/checkpoints/moe_cpu.safetensors of the clone or of the installed package (moe_lab/_data), else None
 ckpt = shipped_checkpoint("moe_cpu")
 if ckpt is not None:
     start_model, figures = load_checkpoint(ckpt, expected=preset("cpu").moe, device=rt.device)
