@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     n = len(sources(args.notebooks))
     if args.check:
         if changed:
-            print("learner notebooks out of date (run `make exercises`):\n  " + "\n  ".join(map(str, changed)),
+            print("notebooks out of date (learner versions, or a solution's language_info; run `make exercises`):\n  " + "\n  ".join(map(str, changed)),
                   file=sys.stderr)
             return 1
         print(f"{n} learner notebooks up to date")
