@@ -72,7 +72,7 @@ def colab_env(tmp_path_factory):
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--ignore-installed", "--no-index", str(source)],
                    env=env, check=True, cwd=base, capture_output=True)
-    return python, site
+    return python, site.resolve()  # resolved, as moe_lab.core.paths resolves its own location
 
 
 def _clean_env() -> dict:
@@ -98,7 +98,7 @@ def test_the_installed_package_has_the_shipped_files(colab_env, tmp_path):
     out = subprocess.run([str(python), "-c", code], env=_clean_env(), cwd=tmp_path, check=True,
                          capture_output=True, text=True).stdout
     got = json.loads(out.strip().splitlines()[-1])
-    assert Path(got["file"]).is_relative_to(site), f"moe_lab imported from {got['file']}, not the installed copy in {site}"
+    assert Path(got["file"]).resolve().is_relative_to(site), f"moe_lab imported from {got['file']}, not the installed copy in {site}"
     assert got["clone"] == "None"
     assert Path(got["data"]) == site / "moe_lab" / "_data"
     assert got["ckpt"] == str(site / "moe_lab" / "_data" / "checkpoints" / "moe_cpu.safetensors")
@@ -159,7 +159,7 @@ def test_each_notebook_ran_on_the_installed_package(executed, colab_env, name):
     probe = _text(executed[name].cells[-1])
     assert probe.startswith("PROBE "), probe
     file, clone, data = (part.strip() for part in probe[len("PROBE "):].split("|"))
-    assert Path(file).is_relative_to(site), f"{name}: the kernel imported moe_lab from {file}, not from {site}"
+    assert Path(file).resolve().is_relative_to(site), f"{name}: the kernel imported moe_lab from {file}, not from {site}"
     assert clone == "None" and Path(data) == site / "moe_lab" / "_data", probe
 
 
