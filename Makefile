@@ -41,7 +41,9 @@ $(STAMP): pyproject.toml
 ifeq ($(UNAME),Linux)
 	@$(BIN)/python -c "import triton" 2>/dev/null || { echo "installing $(TRITON)"; $(BIN)/python -m pip install -q $(TRITON); }
 endif
-	@$(BIN)/python -m pip install -q -e ".[lab,dev,hub]"
+	@# setuptools announces every editable install with a boxed "Editable installation" warning (a folder
+	@# named moe_lab in your working directory could shadow the package): harmless here, so it is filtered.
+	@PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e ".[lab,dev,hub]"
 	@touch $(STAMP)
 	@$(BIN)/python -c "import moe_lab, torch; print('moe-lab', moe_lab.__version__, '| torch', torch.__version__)"
 

@@ -24,12 +24,13 @@
 # - what Triton's interpreter is and why CPU runs use float32
 # - how many FLOP/s this machine gives a matrix multiply, the number every later timing is read against
 #
-# **Prerequisites**: none. **Time to run**: CPU (2 cores): under 1 min · GPU: not yet measured.
+# **Prerequisites**: none. **Time to run**: CPU (2 cores): 12 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 

@@ -25,12 +25,13 @@
 # - how to generate problems with a held-out split that training never sees, and verify answers
 # - how batches are built: inputs, next-token targets, and a loss mask
 #
-# **Prerequisites**: notebook 00 (optional). **Time to run**: CPU (2 cores): under 1 min · GPU: not yet measured.
+# **Prerequisites**: notebook 00 (optional). **Time to run**: CPU (2 cores): 10 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -89,7 +90,8 @@ for _ in range(4):
     print(repr(task.line(p)), "  true value:", p.value)
 
 for completion in [p.answer + "\n", "999\n", "", "12a\n", "9" * 50, "🙂"]:
-    print(f"{completion!r:>56} -> parse {task.parse_answer(completion)!s:>5}, reward {task.reward(completion, p)}")
+    print(f"{completion!r:>56} -> parse {task.parse_answer(completion)!s:>5}, reward "
+          f"{task.reward(completion, p)}")
 assert task.reward(p.answer + "\n", p) == 1.0 and task.reward("12a\n", p) == 0.0
 
 # %% [markdown]
@@ -117,7 +119,8 @@ checks.check_problem_line(problem_line)  # the same as ArithmeticTask("add").lin
 train_pairs = {(q.a, q.b) for q in (task.sample(rng, "train") for _ in range(3000))}
 heldout_pairs = {(q.a, q.b) for q in task.problems(300, "heldout")}
 share = sum(task.is_heldout(a, b) for a in range(100) for b in range(100)) / 100**2
-print(f"{len(train_pairs)} training pairs seen, {len(heldout_pairs)} held-out pairs; held-out share {share:.3f}")
+print(f"{len(train_pairs)} training pairs seen, {len(heldout_pairs)} held-out pairs; held-out share "
+      f"{share:.3f}")
 assert not train_pairs & heldout_pairs
 assert abs(share - task.heldout_fraction) < 0.02
 
@@ -182,7 +185,8 @@ batch = mixture.sample("train", batch_size=8, seq_len=48, generator=g)
 print("x", tuple(batch.x.shape), "y", tuple(batch.y.shape), "mask", tuple(batch.mask.shape))
 for row in range(3):
     name = mixture.names[int(batch.source[row])]
-    shown = "".join(ch if m else "·" for ch, m in zip(TOKENIZER.decode(batch.y[row], skip_special=False), batch.mask[row]))
+    chars = TOKENIZER.decode(batch.y[row], skip_special=False)
+    shown = "".join(ch if m else "·" for ch, m in zip(chars, batch.mask[row]))
     print(f"{name:>5} y   : {TOKENIZER.decode(batch.y[row])!r}\n      loss: {shown!r}")
 assert torch.equal(batch.x[:, 1:], batch.y[:, :-1])  # y is x shifted by one
 

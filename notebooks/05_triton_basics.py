@@ -33,12 +33,13 @@
 # - Triton's CPU interpreter compared with compiled GPU kernels, and why the interpreter must not be given bfloat16
 #
 # **Prerequisites**: notebook 00 (mode, device and the interpreter). Some NumPy-style indexing helps.
-# You do not need to know CUDA. **Time to run**: CPU (2 cores): ~0.5 min · GPU: not yet measured.
+# You do not need to know CUDA. **Time to run**: CPU (2 cores): 33 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -265,7 +266,8 @@ out = softmax_triton(x)
 torch.testing.assert_close(out, torch.softmax(x, dim=1), rtol=1e-6, atol=1e-6)
 torch.testing.assert_close(out, softmax_torch(x), rtol=1e-6, atol=1e-6)
 torch.testing.assert_close(out, intro.softmax(x), rtol=1e-6, atol=1e-7)  # the same kernel
-print(f"softmax: {M} x {N} (row stride {x.stride(0)}), block {triton.next_power_of_2(N)}: matches torch and intro.softmax")
+print(f"softmax: {M} x {N} (row stride {x.stride(0)}), block {triton.next_power_of_2(N)}: matches torch and "
+      f"intro.softmax")
 
 big = torch.tensor([[1000.0, 1000.0, -1000.0]], device=dev)  # exp(1000) would overflow without the max
 assert torch.isfinite(softmax_triton(big)).all()
@@ -338,18 +340,21 @@ checks.check_tile_of(tile_of)  # the same arithmetic as intro.matmul_kernel's fi
 n_tm = n_tn = 8  # an 8 x 8 grid of C tiles
 in_flight = 16  # suppose 16 programs run at the same time
 orders, blocks_read = {}, {}
-for gm in (1, 4):  # every call of tile_of before a figure opens (an unsolved exercise stops here, no empty axes)
+# every call of tile_of before a figure opens (an unsolved exercise stops here, no empty axes)
+for gm in (1, 4):
     order = torch.zeros(n_tm, n_tn, dtype=torch.long)
     for pid in range(n_tm * n_tn):
         order[tile_of(pid, n_tm, n_tn, gm)] = pid
     first = [tile_of(p, n_tm, n_tn, gm) for p in range(in_flight)]
-    blocks_read[gm] = len({m for m, _ in first}) + len({nn for _, nn in first})  # row blocks of A + column blocks of B
+    # row blocks of A + column blocks of B
+    blocks_read[gm] = len({m for m, _ in first}) + len({nn for _, nn in first})
     orders[gm] = order
 row_major = [tile_of(p, 4, 4, 1) for p in range(5)]
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
 for ax, (gm, order) in zip(axes, orders.items()):
     ax.imshow((order < in_flight).float().numpy(), cmap="Blues", vmin=0, vmax=1.6)
-    for (m, nn), pid in zip(torch.cartesian_prod(torch.arange(n_tm), torch.arange(n_tn)).tolist(), order.flatten().tolist()):
+    for (m, nn), pid in zip(torch.cartesian_prod(torch.arange(n_tm), torch.arange(n_tn)).tolist(),
+                            order.flatten().tolist()):
         ax.text(nn, m, pid, ha="center", va="center", fontsize=8)
     ax.set_title(f"GROUP_M={gm}: programs 0-{in_flight - 1} read\n{blocks_read[gm]} blocks of A and B")
     ax.set_xlabel("tile column of C (pid_n)")
@@ -431,8 +436,10 @@ b = torch.randn(N, K, device=dev).t()  # (K, N) with strides (1, K)
 assert b.stride() == (1, K)
 c = matmul_triton(a, b)
 torch.testing.assert_close(c, matmul_torch(a, b), rtol=1e-4, atol=1e-4)
-torch.testing.assert_close(c, intro.matmul(a, b, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), rtol=1e-5, atol=1e-5)
-torch.testing.assert_close(matmul_triton(a, b, GROUP_M=1), c, rtol=0, atol=0)  # order changes nothing but speed
+torch.testing.assert_close(c, intro.matmul(a, b, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), rtol=1e-5,
+                           atol=1e-5)
+# order changes nothing but speed
+torch.testing.assert_close(matmul_triton(a, b, GROUP_M=1), c, rtol=0, atol=0)
 print(f"matmul: ({M} x {K}) @ ({K} x {N}), {triton.cdiv(M, 32) * triton.cdiv(N, 32)} programs: "
       f"largest difference from torch {(c - a @ b).abs().max().item():.1e}")
 
@@ -475,9 +482,10 @@ tiling.plot_matmul_tiles(launch)
 plt.show()
 assert launch.n_programs == triton.cdiv(M, 32) * triton.cdiv(N, 32)
 assert launch.bytes_moved == no_cache and launch.ideal_bytes == ideal  # the counts of the cell above
-gpu_tile = tiling.matmul_tiling(4096, 4096, 4096, 128, 128, 64, dtype="bfloat16", num_stages=3)  # intro.matmul_config on a GPU
-print(f"intro.matmul's GPU tile (128 x 128 x 64, bf16, 3 stages) needs about {gpu_tile.shared_memory_bytes // 1024} KiB "
-      f"of shared memory; fits per GPU: {gpu_tile.fits}")
+# intro.matmul_config on a GPU
+gpu_tile = tiling.matmul_tiling(4096, 4096, 4096, 128, 128, 64, dtype="bfloat16", num_stages=3)
+print(f"intro.matmul's GPU tile (128 x 128 x 64, bf16, 3 stages) needs about "
+      f"{gpu_tile.shared_memory_bytes // 1024} KiB of shared memory; fits per GPU: {gpu_tile.fits}")
 assert gpu_tile.fits["H100"] and not gpu_tile.fits["T4"]
 tiling_explorer()
 
@@ -499,9 +507,11 @@ ridge = H100_BF16_FLOPS / H100_HBM_BYTES_PER_S  # FLOP per byte
 bf16 = torch.bfloat16
 cases = {
     "add, 2^24 elements": (cost.add_flops(1 << 24), cost.add_bytes(1 << 24, bf16)),
-    "softmax 4096x4096, 5 torch ops": (cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, bf16, fused=False)),
+    "softmax 4096x4096, 5 torch ops": (cost.softmax_flops(4096, 4096),
+                                       cost.softmax_bytes(4096, 4096, bf16, fused=False)),
     "softmax 4096x4096, fused": (cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, bf16)),
-    "matmul 16x4096x4096 (16 tokens)": (cost.matmul_flops(16, 4096, 4096), cost.matmul_bytes(16, 4096, 4096, bf16)),
+    "matmul 16x4096x4096 (16 tokens)": (cost.matmul_flops(16, 4096, 4096),
+                                        cost.matmul_bytes(16, 4096, 4096, bf16)),
     "matmul 4096^3": (cost.matmul_flops(4096, 4096, 4096), cost.matmul_bytes(4096, 4096, 4096, bf16)),
 }
 intensity = {name: cost.arithmetic_intensity(fl, by) for name, (fl, by) in cases.items()}
@@ -511,7 +521,8 @@ for name, (fl, by) in cases.items():
           f"{'memory' if intensity[name] < ridge else 'compute'}")
 
 fig, ax = plt.subplots(figsize=(7, 3.2))
-ax.barh(list(intensity), list(intensity.values()), color=["C0" if v < ridge else "C3" for v in intensity.values()])
+ax.barh(list(intensity), list(intensity.values()),
+        color=["C0" if v < ridge else "C3" for v in intensity.values()])
 ax.axvline(ridge, color="k", ls="--", lw=1, label=f"H100 ridge point ≈ {ridge:.0f} FLOP/byte")
 ax.set_xscale("log")
 ax.set_xlabel("arithmetic intensity (FLOP per byte of memory traffic, bf16)")
@@ -523,8 +534,10 @@ assert intensity["add, 2^24 elements"] < 1 < ridge < intensity["matmul 4096^3"]
 from moe_lab.studies.bench_records import load_bench_records
 
 measured_ridges = [r["ceilings"]["ridge_flop_per_byte"] for r in load_bench_records() if r.get("ceilings")]
-assert all((v < ridge) == (v < m) for v in intensity.values() for m in measured_ridges)  # same verdicts, measured ridge
-assert intensity["matmul 16x4096x4096 (16 tokens)"] < ridge  # few rows: memory-bound, like a lightly used expert
+# the same verdicts with the measured ridge
+assert all((v < ridge) == (v < m) for v in intensity.values() for m in measured_ridges)
+# few rows: memory-bound, like a lightly used expert
+assert intensity["matmul 16x4096x4096 (16 tokens)"] < ridge
 
 # %% [markdown]
 # Reading the plot: add and softmax are far below the ridge, so for them only bytes matter, and
@@ -582,14 +595,19 @@ if rt.on_gpu:
     big_tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     assert torch.equal(add_triton(xa, ya), xa + ya)
     torch.testing.assert_close(softmax_triton(xs), torch.softmax(xs.float(), 1).to(dt), rtol=2e-2, atol=1e-3)
-    torch.testing.assert_close(matmul_triton(am, bm, **big_tile).float(), (am @ bm).float(), rtol=3e-2, atol=1.0)
+    torch.testing.assert_close(matmul_triton(am, bm, **big_tile).float(), (am @ bm).float(), rtol=3e-2,
+                               atol=1.0)
     runs = {  # name: (function, FLOPs, bytes it must move at least)
         "add torch": (lambda: xa + ya, cost.add_flops(1 << 24), cost.add_bytes(1 << 24, dt)),
         "add triton": (lambda: add_triton(xa, ya), cost.add_flops(1 << 24), cost.add_bytes(1 << 24, dt)),
-        "softmax 5 torch ops": (lambda: softmax_torch(xs), cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, dt)),
-        "softmax torch.softmax": (lambda: torch.softmax(xs, 1), cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, dt)),
-        "softmax triton": (lambda: softmax_triton(xs), cost.softmax_flops(4096, 4096), cost.softmax_bytes(4096, 4096, dt)),
-        "matmul torch (cuBLAS)": (lambda: am @ bm, cost.matmul_flops(4096, 4096, 4096), cost.matmul_bytes(4096, 4096, 4096, dt)),
+        "softmax 5 torch ops": (lambda: softmax_torch(xs), cost.softmax_flops(4096, 4096),
+                                cost.softmax_bytes(4096, 4096, dt)),
+        "softmax torch.softmax": (lambda: torch.softmax(xs, 1), cost.softmax_flops(4096, 4096),
+                                  cost.softmax_bytes(4096, 4096, dt)),
+        "softmax triton": (lambda: softmax_triton(xs), cost.softmax_flops(4096, 4096),
+                           cost.softmax_bytes(4096, 4096, dt)),
+        "matmul torch (cuBLAS)": (lambda: am @ bm, cost.matmul_flops(4096, 4096, 4096),
+                                  cost.matmul_bytes(4096, 4096, 4096, dt)),
         "matmul triton": (lambda: matmul_triton(am, bm, **big_tile), cost.matmul_flops(4096, 4096, 4096),
                           cost.matmul_bytes(4096, 4096, 4096, dt)),
     }

@@ -44,12 +44,13 @@
 # - plugging kernels into autograd, and checking a new back-end against the readable reference
 #
 # **Prerequisites**: notebooks 03 (the MoE layer and its back-ends) and 05 (Triton's programs,
-# blocks, masks and tiled matmul). **Time to run**: CPU (2 cores): under 1 min · GPU: not yet measured.
+# blocks, masks and tiled matmul). **Time to run**: CPU (2 cores): 27 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -90,7 +91,8 @@ x = torch.randn(T, d, generator=g).to(dev)
 weights = torch.rand(T, top_k, generator=g).to(dev).masked_fill(expert_idx < 0, 0.0)  # (T, top_k)
 w1, w3 = (torch.randn(E, d, f, generator=g).to(dev) * d**-0.5 for _ in range(2))  # (E, d, f)
 w2 = torch.randn(E, f, d, generator=g).to(dev) * f**-0.5  # (E, f, d)
-print("assignments a = t*top_k + j:", {t * top_k + j: int(expert_idx[t, j]) for t in range(T) for j in range(top_k)})
+print("assignments a = t*top_k + j:",
+      {t * top_k + j: int(expert_idx[t, j]) for t in range(T) for j in range(top_k)})
 
 # %% [markdown]
 # ## 2. Routing metadata: sort by expert, pad to blocks
@@ -133,13 +135,15 @@ def align_torch(expert_idx, n_experts, block_m):
     order = torch.argsort(flat, stable=True)  # (A,)
     order = order[flat[order] >= 0]  # (N,) routed assignments, grouped by expert
     e_of = flat[order]  # (N,) their experts
-    rank = torch.arange(len(order), device=flat.device) - (counts.cumsum(0) - counts)[e_of]  # (N,) position within its expert
+    # (N,) position within its expert
+    rank = torch.arange(len(order), device=flat.device) - (counts.cumsum(0) - counts)[e_of]
     max_rows = max_padded_rows(A, n_experts, block_m)
     sorted_ids = torch.full((max_rows,), A, dtype=torch.long, device=flat.device)  # padding = sentinel A
     sorted_ids[offsets[e_of] + rank] = order
     # 4. the expert of each block, -1 past the last used row
     block_expert = torch.full((max_rows // block_m,), -1, dtype=torch.long, device=flat.device)
-    used = torch.repeat_interleave(torch.arange(n_experts, device=flat.device), padded // block_m)  # (used blocks,)
+    # (used blocks,)
+    used = torch.repeat_interleave(torch.arange(n_experts, device=flat.device), padded // block_m)
     block_expert[: len(used)] = used
     return counts, offsets, sorted_ids, block_expert
 
@@ -192,15 +196,18 @@ print("align_torch == moe_align on 53 tokens, top-3, 7 experts, block_m in 1, 4,
 # DeepSeek-V3's 256 fine-grained experts:
 
 # %%
-print(f"{'tokens':>7} {'E':>4} {'top_k':>5} {'rows/expert':>11} | padding overhead for block_m = 16, 32, 64, 128")
+print(f"{'tokens':>7} {'E':>4} {'top_k':>5} {'rows/expert':>11} | "
+      f"padding overhead for block_m = 16, 32, 64, 128")
 overheads = {}
 for n_tok, n_exp, kk in [(8192, 16, 2), (4096, 64, 6), (4096, 256, 8), (512, 256, 8)]:
     gen = torch.Generator().manual_seed(0)
     idx_big = torch.rand(n_tok, n_exp, generator=gen).topk(kk, dim=1).indices  # uniform random routing
     counts = moe_align(idx_big, n_exp, 16).counts.tolist()  # rows routed to each expert
-    row = [sum(cost.padded_rows(counts, bm)) / sum(counts) - 1 for bm in (16, 32, 64, 128)]  # the layout's padding
+    # the layout's padding
+    row = [sum(cost.padded_rows(counts, bm)) / sum(counts) - 1 for bm in (16, 32, 64, 128)]
     overheads[(n_tok, n_exp, kk)] = row
-    print(f"{n_tok:>7} {n_exp:>4} {kk:>5} {n_tok * kk / n_exp:>11.0f} | " + "  ".join(f"{o:6.1%}" for o in row))
+    print(f"{n_tok:>7} {n_exp:>4} {kk:>5} {n_tok * kk / n_exp:>11.0f} | "
+          + "  ".join(f"{o:6.1%}" for o in row))
 assert all(r == sorted(r) for r in overheads.values())  # bigger blocks, more padding
 assert overheads[(512, 256, 8)][-1] > 1.0  # 16 rows per expert in blocks of 128: most of the work is padding
 assert overheads[(8192, 16, 2)][-1] < 0.1 and overheads[(4096, 64, 6)][1] < 0.05  # "a few percent"
@@ -232,8 +239,10 @@ from moe_lab.course.widgets import moe_padding_explorer
 
 idx_p = torch.rand(512, 64, generator=torch.Generator().manual_seed(0)).topk(6, dim=1).indices  # (512, 6)
 al_p = moe_align(idx_p, 64, 64)
-pad = tiling.grouped_gemm_tiling(al_p.counts.tolist(), block_m=64, k=1024, n=512, block_n=128, n_assignments=idx_p.numel())
-assert pad.offsets == tuple(al_p.offsets.tolist()) and pad.max_blocks == al_p.max_blocks  # the kernels' layout
+pad = tiling.grouped_gemm_tiling(al_p.counts.tolist(), block_m=64, k=1024, n=512, block_n=128,
+                                 n_assignments=idx_p.numel())
+# the kernels' layout
+assert pad.offsets == tuple(al_p.offsets.tolist()) and pad.max_blocks == al_p.max_blocks
 assert pad.used_blocks == int((al_p.block_expert >= 0).sum())
 padding_rows = pad.padded_rows - pad.real_rows
 assert (pad.real_rows, pad.padded_rows) == (3072, 4160)  # the counts the prose above quotes
@@ -352,7 +361,8 @@ for name, (N_, d_, f_, E_) in {"this toy": (len(rows), d, f, E),
                                "gpu preset: 8192 tokens, top-2": (16384, 256, 128, 16),
                                "DeepSeek-V3 layer, 4096 tokens": (4096 * 8, 7168, 2048, 256)}.items():
     ts, fu = up_traffic(N_, d_, f_, E_)
-    print(f"{name:32s} sorted torch {ts / 1e6:10.3f} M elements | fused kernel {fu / 1e6:10.3f} M | {ts / fu:.1f}x")
+    print(f"{name:32s} sorted torch {ts / 1e6:10.3f} M elements | fused kernel {fu / 1e6:10.3f} M | "
+          f"{ts / fu:.1f}x")
     assert fu < ts
 
 # %% [markdown]
@@ -401,7 +411,8 @@ y_torch = combine_torch(o, expert_idx)
 torch.testing.assert_close(moe_combine(o, expert_idx), y_torch, rtol=1e-6, atol=1e-6)
 y_kernel = moe_down(h, w2, weights, expert_idx, align)  # grouped GEMM + weight epilogue + combine
 torch.testing.assert_close(y_kernel, y_torch, rtol=1e-5, atol=1e-5)
-torch.testing.assert_close(y_kernel, experts_reference(x, expert_idx, weights, w1, w3, w2), rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(y_kernel, experts_reference(x, expert_idx, weights, w1, w3, w2), rtol=1e-5,
+                           atol=1e-5)
 assert torch.equal(y_kernel, moe_down(h, w2, weights, expert_idx, align))  # ordered: same bits every run
 y_atomic = moe_down(h, w2, weights, expert_idx, align, combine="atomic")
 torch.testing.assert_close(y_atomic, y_kernel, rtol=1e-5, atol=1e-5)
@@ -443,12 +454,15 @@ def combine_kernel(
     for j in tl.static_range(TOP_K):
         a = offs_t * TOP_K + j  # (BLOCK_T,) assignment of slot j
         routed = tl.load(expert_idx_ptr + a, mask=t_ok, other=-1) >= 0
-        acc += tl.load(buf_ptr + a[:, None] * d + offs_d[None, :], mask=routed[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+        acc += tl.load(buf_ptr + a[:, None] * d + offs_d[None, :], mask=routed[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_t[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & d_ok[None, :])
     # END SOLUTION
 
 
-def combine_triton(buf, expert_idx, block_t=8, block_d=16, out=None):  # out: the checker passes its own buffer
+# out: the checker passes its own buffer
+def combine_triton(buf, expert_idx, block_t=8, block_d=16, out=None):
     T, top_k = expert_idx.shape
     y = torch.empty(T, buf.shape[1], device=buf.device, dtype=buf.dtype) if out is None else out
     grid = (triton.cdiv(T, block_t), triton.cdiv(buf.shape[1], block_d))
@@ -465,7 +479,8 @@ checks.check_combine(combine_triton)  # the same as moe_lab.kernels.moe_gemm.moe
 # them empty, 25% of assignments dropped):
 
 # %%
-make_case = partial(expert_backends.random_problem, empty_expert=True, device=dev)  # the last expert gets no token
+# the last expert gets no token
+make_case = partial(expert_backends.random_problem, empty_expert=True, device=dev)
 x_c, idx_c, w_c, w1_c, w3_c, w2_c, probe_c = make_case(37, 24, 40, 5, 2, seed=3, drop=0.25)
 y_tri = experts_triton(x_c, idx_c, w_c, w1_c, w3_c, w2_c)
 y_ref = experts_reference(x_c, idx_c, w_c, w1_c, w3_c, w2_c)
@@ -515,7 +530,8 @@ def experts_backward_torch(dy, x, expert_idx, weights, w1, w3, w2, align):
     dh = wa[:, None] * g
     da3 = dh * silu
     da1 = dh * a3 * (s + silu * (1 - s))
-    dx = torch.zeros_like(x).index_add(0, t, torch.einsum("nf,ndf->nd", da1, w1[e]) + torch.einsum("nf,ndf->nd", da3, w3[e]))
+    dx_rows = torch.einsum("nf,ndf->nd", da1, w1[e]) + torch.einsum("nf,ndf->nd", da3, w3[e])  # (N, d)
+    dx = torch.zeros_like(x).index_add(0, t, dx_rows)
     dw1 = torch.zeros_like(w1).index_add(0, e, torch.einsum("nd,nf->ndf", x[t], da1))
     dw3 = torch.zeros_like(w3).index_add(0, e, torch.einsum("nd,nf->ndf", x[t], da3))
     dw2 = torch.zeros_like(w2).index_add(0, e, torch.einsum("nf,nd->nfd", h, wa[:, None] * dy[t]))
@@ -580,21 +596,24 @@ show_source(MoEExpertsFunction)
 # an empty expert, every token on one expert, half the assignments dropped, and top-1.
 
 # %%
-small = [t.double().requires_grad_() if t.is_floating_point() else t for t in make_case(6, 5, 7, 3, 2, seed=4)[:6]]
+small = [t.double().requires_grad_() if t.is_floating_point() else t
+         for t in make_case(6, 5, 7, 3, 2, seed=4)[:6]]
 assert torch.autograd.gradcheck(lambda xx, ww, p1, p3, p2: experts_reference(xx, small[1], ww, p1, p3, p2),
                                 (small[0], small[2], small[3], small[4], small[5]))
 print("gradcheck: experts_reference's gradients agree with finite differences (float64)")
 
 
 n_tok = notebook_sizes("06", rt.mode)["edge_case_tokens"]
-half = lambda n, k: torch.where(torch.arange(n * k).reshape(n, k) % 2 == 0, torch.arange(n * k).reshape(n, k) % 4, -1)
+half = lambda n, k: torch.where(torch.arange(n * k).reshape(n, k) % 2 == 0,
+                                torch.arange(n * k).reshape(n, k) % 4, -1)
 cases = {
     "random, 25% dropped, expert 4 empty": make_case(n_tok, 24, 40, 5, 2, seed=5, drop=0.25),
     "every token on expert 2 (top-1)": make_case(n_tok, 24, 40, 5, 1, seed=6, idx=torch.full((n_tok, 1), 2)),
     "half the assignments dropped": make_case(n_tok, 20, 24, 4, 2, seed=7, idx=half(n_tok, 2)),
     "top-3 of 8, widths 33 and 65": make_case(n_tok, 33, 65, 8, 3, seed=8),
 }
-for name, (xx, idx, ww, p1, p3, p2, probe) in cases.items():  # triton's output and gradients vs the reference's
+# triton's output and gradients vs the reference's
+for name, (xx, idx, ww, p1, p3, p2, probe) in cases.items():
     (row,) = expert_backends.agreement(["triton"], xx, idx, ww, p1, p3, p2, probe=probe)
     print(f"{name:38s} output diff {row['output']:.1e}, gradient diff {row['gradient']:.1e} (relative)")
     assert row["output"] < 1e-4 and row["gradient"] < 1e-4, name
@@ -613,8 +632,9 @@ from moe_lab.core.config import MoEConfig
 from moe_lab.model import MoELayer, expert_backends
 
 configs = {
-    "sigmoid router, shared expert, aux + z-loss": MoEConfig(n_experts=6, top_k=2, d_expert=16, n_shared=1, router="sigmoid",
-                                                             balance="aux_loss", z_loss_coef=1e-3),
+    "sigmoid router, shared expert, aux + z-loss": MoEConfig(n_experts=6, top_k=2, d_expert=16, n_shared=1,
+                                                             router="sigmoid", balance="aux_loss",
+                                                             z_loss_coef=1e-3),
     "softmax router, capacity factor 1.0": MoEConfig(n_experts=8, top_k=2, d_expert=24, capacity_factor=1.0),
 }
 for cname, mcfg in configs.items():
@@ -622,8 +642,9 @@ for cname, mcfg in configs.items():
     layer = MoELayer(32, mcfg).to(dev)
     xb = torch.randn(3, 20, 32, device=dev)
     for row in expert_backends.layer_agreement(layer, xb, ["sorted", "triton"]):  # vs "reference"
-        print(f"{cname:44s} {row['backend']:>7} vs reference: relative difference of outputs {row['output']:.1e}, "
-              f"of gradients {row['gradient']:.1e} ({layer.last_stats.dropped} assignments dropped)")
+        print(f"{cname:44s} {row['backend']:>7} vs reference: relative difference of outputs "
+              f"{row['output']:.1e}, of gradients {row['gradient']:.1e} "
+              f"({layer.last_stats.dropped} assignments dropped)")
         assert row["output"] < 1e-5 and row["gradient"] < 1e-4, (cname, row)
 
 # %% [markdown]
@@ -644,8 +665,8 @@ if rt.on_gpu:
 
     Tg = preset("gpu").train.batch_size * preset("gpu").train.seq_len  # tokens of one training batch
     # the benchmark's own timer (do_bench) and inputs, on the gpu preset's layer ("teaching")
-    rows = bench.run(["teaching"], [Tg], ["reference", "sorted", "triton"], ["forward", "forward+backward"], dev,
-                     rt.dtype, ceilings=None, progress=False)
+    rows = bench.run(["teaching"], [Tg], ["reference", "sorted", "triton"], ["forward", "forward+backward"],
+                     dev, rt.dtype, ceilings=None, progress=False)
     print(bench_records.summarize(rows))
     assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows if r["status"] != "ok"]
     plots.plot_backend_times(rows)
@@ -689,7 +710,8 @@ step = {}
 for name, model in models.items():
     model.set_backend(name)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss, _ = train_step(model, batch, opt, lr=1e-3)  # the course's own update: forward, backward, AdamW, bias rule
+    # the course's own update: forward, backward, AdamW, bias rule
+    loss, _ = train_step(model, batch, opt, lr=1e-3)
     routing = [layer.last_routing.expert_idx.clone() for layer in model.moe_layers()]
     grads = {n: q.grad.clone() for n, q in model.named_parameters()}
     with torch.no_grad():
@@ -699,8 +721,8 @@ for name, model in models.items():
 (l_ref, g_ref, la_ref, r_ref), (l_tri, g_tri, la_tri, r_tri) = step["reference"], step["triton"]
 same_routing = all(torch.equal(a, b) for a, b in zip(r_ref, r_tri))
 grad_err = max(((g_ref[n] - g_tri[n]).abs().max() / (g_ref[n].abs().max() + 1e-8)).item() for n in g_ref)
-print(f"{mcfg.n_layers} MoE layers, E={mcfg.moe.n_experts}, top-{mcfg.moe.top_k}, {batch_size}x{seq_len} tokens; "
-      f"routing identical in every MoE layer: {same_routing}")
+print(f"{mcfg.n_layers} MoE layers, E={mcfg.moe.n_experts}, top-{mcfg.moe.top_k}, "
+      f"{batch_size}x{seq_len} tokens; routing identical in every MoE layer: {same_routing}")
 print(f"loss: reference {l_ref:.6f}, triton {l_tri:.6f}; after one AdamW step {la_ref:.6f}, {la_tri:.6f}; "
       f"largest relative gradient difference {grad_err:.1e} over {len(g_ref)} parameters")
 assert abs(l_ref - l_tri) < 1e-5
@@ -708,7 +730,8 @@ if same_routing or not rt.on_gpu:  # CPU runs are seeded and small: the routing 
     assert same_routing and grad_err < 1e-4
     assert abs(la_ref - la_tri) < 1e-4 and la_ref < l_ref  # the same step, and it lowered the loss
 else:
-    print("A near-tie routed some token differently (see above): gradients of those experts differ legitimately.")
+    print("A near-tie routed some token differently (see above): gradients of those experts differ "
+          "legitimately.")
 
 # %% [markdown]
 # The two models took the same step. From here on, `model.set_backend("triton")` is a drop-in

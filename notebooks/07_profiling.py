@@ -38,12 +38,13 @@
 # - explaining the gap between each back-end and its ceiling
 #
 # **Prerequisites**: notebooks 03 (the expert back-ends), 05 (arithmetic intensity, tiles) and 06
-# (the Triton expert path). **Time to run**: CPU (2 cores): under 1 min · GPU: not yet measured.
+# (the Triton expert path). **Time to run**: CPU (2 cores): 17 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -107,8 +108,10 @@ with FlopCounterMode(display=False) as fwd_count:
     y = experts_reference(x, route_idx, route_w, *W)
 with FlopCounterMode(display=False) as bwd_count:
     y.backward(torch.randn(T, d, generator=g))
-print(f"forward : torch counted {fwd_count.get_total_flops():,} FLOPs, moe_flops says {moe_flops(T, d, f, k):,}")
-print(f"backward: torch counted {bwd_count.get_total_flops():,} FLOPs, 2x forward = {2 * moe_flops(T, d, f, k):,}")
+print(f"forward : torch counted {fwd_count.get_total_flops():,} FLOPs, moe_flops says "
+      f"{moe_flops(T, d, f, k):,}")
+print(f"backward: torch counted {bwd_count.get_total_flops():,} FLOPs, 2x forward = "
+      f"{2 * moe_flops(T, d, f, k):,}")
 assert fwd_count.get_total_flops() == moe_flops(T, d, f, k) == cost.moe_flops(T, d, f, k)
 assert bwd_count.get_total_flops() == cost.moe_flops(T, d, f, k, "backward")
 
@@ -163,7 +166,8 @@ import numpy as np
 
 E_sim, k_sim, trials = 128, 8, 200
 for T_sim in (1, 4, 16, 64):
-    counts = [torch.rand(T_sim, E_sim, generator=g).argsort(-1)[:, :k_sim].unique().numel() for _ in range(trials)]
+    counts = [torch.rand(T_sim, E_sim, generator=g).argsort(-1)[:, :k_sim].unique().numel()
+              for _ in range(trials)]
     print(f"T={T_sim:3d}: simulated {np.mean(counts):6.1f} active experts of {E_sim}, "
           f"formula {expected_active(T_sim, E_sim, k_sim):6.1f}")
     assert abs(np.mean(counts) - expected_active(T_sim, E_sim, k_sim)) < 2.0
@@ -260,11 +264,13 @@ for name in ("teaching", "mixtral", "fine"):
 # %%
 s = bench.SHAPES["fine"]
 minimal = cost.moe_bytes(8192, s.d_model, s.d_expert, s.n_experts, s.top_k, 2)
-print(f"{'back-end':10s} {'weights':>9s} {'activations':>12s} {'intermediates':>14s} {'total':>9s}  vs minimal")
+print(f"{'back-end':10s} {'weights':>9s} {'activations':>12s} {'intermediates':>14s} "
+      f"{'total':>9s}  vs minimal")
 for backend in ("minimal", "triton", "grouped_mm", "sorted", "reference"):
     b = cost.moe_bytes(8192, s.d_model, s.d_expert, s.n_experts, s.top_k, 2, backend)
-    print(f"{backend:10s} {b['weights'] / 1e6:7.0f}MB {b['activations'] / 1e6:10.0f}MB {b['intermediates'] / 1e6:12.0f}MB "
-          f"{b['total'] / 1e6:7.0f}MB  {b['total'] / minimal['total']:5.1f}x")
+    print(f"{backend:10s} {b['weights'] / 1e6:7.0f}MB {b['activations'] / 1e6:10.0f}MB "
+          f"{b['intermediates'] / 1e6:12.0f}MB {b['total'] / 1e6:7.0f}MB  "
+          f"{b['total'] / minimal['total']:5.1f}x")
 
 # %% [markdown]
 # At this size the torch back-ends move several times the minimal bytes, because each op writes its
@@ -290,7 +296,8 @@ ceil = profiling.measure_ceilings(dev, rt.dtype, **sizes["ceilings"])
 unit, scale = ("TFLOP/s", 1e12) if rt.on_gpu else ("GFLOP/s", 1e9)
 print(f"{ceil.device}, {ceil.dtype}")
 print(f"  compute roof: {ceil.peak_flops / scale:8.2f} {unit}  ({ceil.matmul_n}^3 matmul)")
-print(f"  memory roof : {ceil.bandwidth / 1e9:8.2f} GB/s     ({ceil.copy_bytes >> 20} MiB copied: read + write)")
+print(f"  memory roof : {ceil.bandwidth / 1e9:8.2f} GB/s     "
+      f"({ceil.copy_bytes >> 20} MiB copied: read + write)")
 print(f"  ridge point : {ceil.ridge:8.2f} FLOP/byte: below it a kernel is memory-bound")
 assert ceil.peak_flops > 0 and ceil.bandwidth > 0
 
@@ -323,14 +330,16 @@ checks.check_roofline(roofline)
 # %%
 live_cfg = dict(sizes["live_bench"],
                 backends=[b for b in bench.BACKENDS if rt.on_gpu or b != "triton"])  # no interpreter timings
-live = bench.run(live_cfg["shapes"], live_cfg["tokens"], live_cfg["backends"], ["forward"], dev, rt.dtype, ceil,
-                 warmup=1, repeats=3, progress=False)
+live = bench.run(live_cfg["shapes"], live_cfg["tokens"], live_cfg["backends"], ["forward"], dev, rt.dtype,
+                 ceil, warmup=1, repeats=3, progress=False)
 print(bench_records.summarize(live))
-assert all(r["status"] in ("ok", "skipped") for r in live), [r["note"] for r in live if r["status"] == "error"]
+assert all(r["status"] in ("ok", "skipped") for r in live), \
+    [r["note"] for r in live if r["status"] == "error"]
 
 # %%
 big = max(live_cfg["tokens"])
-points = plots.bench_points([r for r in live if r["tokens"] == big])  # (intensity, attained FLOP/s) per measured row
+# (intensity, attained FLOP/s) per measured row
+points = plots.bench_points([r for r in live if r["tokens"] == big])
 ax = plots.plot_roofline(ceil.peak_flops, ceil.bandwidth, points,
                          unit=unit, roof_label=f"measured here ({ceil.device[:40]})",
                          title=f"live, {rt.mode} mode: forward, {big} tokens")
@@ -357,11 +366,12 @@ plt.show()
 # %%
 records = bench_records.load_bench_records()  # the shipped data/bench, found from any folder
 if not records:
-    print("No recorded GPU figures yet: data/bench/ holds no *.json file.\n"
+    print(f"No recorded GPU figures yet: {paths.data_path('bench')} holds no *.json file.\n"
           "To make one, on a machine with a CUDA GPU, from the repository root:\n"
           "    python -m moe_lab bench --record                       # the full sweep, several minutes\n"
-          "    python -m moe_lab gpu-suite --out runs/gpu --only bench  # the same, with logs and a time limit\n"
-          "then commit data/bench/<device>.json. This notebook will plot it here, labelled with its device and date.")
+          "    python -m moe_lab gpu-suite --out runs/gpu --only bench  # the same, with logs, time-limited\n"
+          "then commit data/bench/<device>.json. This notebook will plot it here, labelled with its device "
+          "and date.")
 for rec in records:
     print(f"{bench_records.record_label(rec)} | driver {rec['driver']} | torch {rec['torch']} | triton {rec['triton']}\n"
           f"  command: {rec['command']}")
@@ -433,7 +443,8 @@ inp = bench.make_inputs(s, big, dev, rt.dtype)
 args = [inp[n] for n in ("x", "expert_idx", "weights", "w1", "w3", "w2")]
 with torch.no_grad():
     top = profiling.top_kernels(lambda: experts_sorted(*args), dev, n=10)
-MATMUL_NAMES = ("mm", "gemm", "nvjet", "cutlass", "xmma")  # aten ops, cuBLAS / CUTLASS kernels (Hopper's are nvjet_*)
+# aten ops, cuBLAS / CUTLASS kernels (Hopper's are nvjet_*)
+MATMUL_NAMES = ("mm", "gemm", "nvjet", "cutlass", "xmma")
 mm_share = sum(r.share for r in top if any(n in r.name.lower() for n in MATMUL_NAMES))
 print(f"\nmatmul operators / kernels: {mm_share:.0%} of the time in the top rows")
 assert top and (rt.on_gpu or "aten::mm" in [r.name for r in top])
@@ -483,8 +494,8 @@ if rt.on_gpu:
     with torch.no_grad():
         profiling.top_kernels(lambda: experts_triton(*args), dev, n=10)
 else:
-    print("On a GPU this cell lists the kernels of the triton back-end, for comparison. Under the interpreter "
-          "a profile would show NumPy calls, not kernels.")
+    print("On a GPU this cell lists the kernels of the triton back-end, for comparison. "
+          "Under the interpreter a profile would show NumPy calls, not kernels.")
 
 # %% [markdown]
 # ## 7. Configurations: tuned ahead, looked up at run time
@@ -522,9 +533,11 @@ from moe_lab.kernels import INTERPRETED, config_table, moe_gemm  # after runtime
 
 space = config_table.space("up", block_m=64)
 N_rows, d_f, f_f, bm = 8192 * 8, 2048, 768, 64
-n_blocks = N_rows // bm + 128  # rows per expert are padded to whole blocks: at most one extra block per expert
+# rows per expert are padded to whole blocks: at most one extra block per expert
+n_blocks = N_rows // bm + 128
 print(f"{len(space)} candidates for the up kernel at BLOCK_M = 64; the first twelve:")
-print(f"{'BLOCK_N BLOCK_K GROUP_M warps stages':36s} {'programs':>9s} {'FLOP/byte':>10s} {'smem KiB':>9s} {'acc regs/thread':>16s}")
+print(f"{'BLOCK_N BLOCK_K GROUP_M warps stages':36s} {'programs':>9s} {'FLOP/byte':>10s} {'smem KiB':>9s} "
+      f"{'acc regs/thread':>16s}")
 for c in space[:12]:
     programs = n_blocks * -(-f_f // c.BLOCK_N)
     tile_bytes = (bm * c.BLOCK_K + 2 * c.BLOCK_K * c.BLOCK_N) * 2  # x tile + w1 and w3 tiles, bf16
@@ -563,7 +576,8 @@ from moe_lab.kernels.moe_gemm import kernel_choice
 tables = sorted(config_table.CONFIG_DIR.glob("*.json"))
 for path in tables:
     t = config_table.load_table(str(path))
-    print(f"{path.name}: {t['device']}, {t['date'][:10]}, triton {t['triton']}, {len(t['buckets'])} buckets\n  {t['command']}")
+    print(f"{path.name}: {t['device']}, {t['date'][:10]}, triton {t['triton']}, {len(t['buckets'])} "
+          f"buckets\n  {t['command']}")
 if not tables:
     print("No tuned table ships yet: every GPU uses the heuristic.")
 choice = kernel_choice(rt.dtype, dev, 2048, 768, 128, 8, 8192, training=False)
@@ -647,12 +661,13 @@ for path in tune_files:
 # %%
 def gap_table(rows, label):
     print(label)
-    print(f"{'shape':9s} {'tokens':>6s} {'back-end':>10s} {'ms':>9s} {'x dense time':>12s} {'% of roofline':>14s}")
+    print(f"{'shape':9s} {'tokens':>6s} {'back-end':>10s} {'ms':>9s} {'x dense time':>12s} "
+          f"{'% of roofline':>14s}")
     for r in rows:
         if r["status"] != "ok" or r["backend"] == "dense" or r["pass"] != "forward":
             continue
-        dense = [q for q in rows if q["status"] == "ok" and q["backend"] == "dense" and q["shape"] == r["shape"]
-                 and q["tokens"] == r["tokens"] and q["pass"] == r["pass"]]
+        dense = [q for q in rows if q["status"] == "ok" and q["backend"] == "dense"
+                 and q["shape"] == r["shape"] and q["tokens"] == r["tokens"] and q["pass"] == r["pass"]]
         ratio = f"{r['ms'] / dense[0]['ms']:12.1f}" if dense else f"{'-':>12s}"
         roof = f"{r['frac_roofline']:14.1%}" if r.get("frac_roofline") is not None else f"{'-':>14s}"
         print(f"{r['shape']:9s} {r['tokens']:6d} {r['backend']:>10s} {r['ms']:9.3f} {ratio} {roof}")
@@ -660,7 +675,8 @@ def gap_table(rows, label):
 
 gap_table(live, f"live, {ceil.device}:")
 for rec in records:
-    gap_table([r for r in rec["results"] if r["tokens"] in (128, 8192, 32768)], "\n" + bench_records.record_label(rec) + ":")
+    gap_table([r for r in rec["results"] if r["tokens"] in (128, 8192, 32768)],
+              "\n" + bench_records.record_label(rec) + ":")
 
 # %% [markdown]
 # Why each back-end falls short of the ceiling, from the counts above:
@@ -702,16 +718,18 @@ for device_name, recs in by_device.items():
     fig, axes_b = plt.subplots(1, 2, figsize=(13, 3.8))
     for ax_b, mode in zip(axes_b, ("forward", "forward+backward")):
         for i, rec in enumerate(recs):
-            pts = sorted((r["tokens"], r["tflops"]) for r in bench_records.ok_results(rec, shape="fine", backend="triton",
-                                                                                  **{"pass": mode}))
+            fine = bench_records.ok_results(rec, shape="fine", backend="triton", **{"pass": mode})
+            pts = sorted((r["tokens"], r["tflops"]) for r in fine)
             if pts:
-                ax_b.plot(*zip(*pts), marker="o", ms=3, label=f"triton, commit {rec.get('commit') or rec['date'][:10]}",
+                ax_b.plot(*zip(*pts), marker="o", ms=3,
+                          label=f"triton, commit {rec.get('commit') or rec['date'][:10]}",
                           color=plots.backend_color("triton"), alpha=0.35 + 0.65 * i / (len(recs) - 1))
         for other in ("grouped_mm", "dense"):
-            pts = sorted((r["tokens"], r["tflops"]) for r in bench_records.ok_results(recs[-1], shape="fine", backend=other,
-                                                                                  **{"pass": mode}))
+            fine = bench_records.ok_results(recs[-1], shape="fine", backend=other, **{"pass": mode})
+            pts = sorted((r["tokens"], r["tflops"]) for r in fine)
             if pts:
-                ax_b.plot(*zip(*pts), ls="--", color=plots.backend_color(other), label=f"{other} (newest run)")
+                ax_b.plot(*zip(*pts), ls="--", color=plots.backend_color(other),
+                          label=f"{other} (newest run)")
         ax_b.set_xscale("log", base=2)
         ax_b.set_xlabel("tokens")
         ax_b.set_ylabel("TFLOP/s")

@@ -33,12 +33,13 @@
 # - what changes on GPUs: NCCL and `torchrun`, overlapping communication with compute, DeepSeek-V3's node-limited routing, DeepEP
 #
 # **Prerequisites**: notebook 03 (the MoE layer, top-k routing, capacity factor). No prior
-# `torch.distributed` knowledge needed. **Time to run**: CPU (2 cores): ~0.5 min · GPU: not yet measured.
+# `torch.distributed` knowledge needed. **Time to run**: CPU (2 cores): 15 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -122,7 +123,8 @@ assert all_to_all_sim(all_to_all_sim(chunks)) == chunks  # exchanging twice brin
 # %%
 import torch
 
-from moe_lab.distributed.simulate import all_to_all_sim  # the library's, the same as yours once the check passes
+# the library's, the same as yours once the check passes
+from moe_lab.distributed.simulate import all_to_all_sim
 
 torch.manual_seed(0)
 W_demo, sizes = 3, torch.tensor([[2, 0, 1], [1, 3, 2], [0, 1, 1]])  # sizes[src, dst]: rows sent
@@ -169,11 +171,14 @@ def ep_simulated(xs, idxs, ws, w1, w3, w2):
     sort = [sort_by_expert(idx, E) for idx in idxs]  # per rank: order (N,), token_of (N,), counts (E,)
     # 2a. exchange counts: src tells dst how many rows it will send to each of dst's experts
     count_chunks = [list(counts.view(W, E_local)) for _, _, counts in sort]  # [src][dst]: (E_local,)
-    recv_counts = [torch.stack(c) for c in all_to_all_sim(count_chunks)]  # [dst]: (W, E_local) rows from src for e
+    # [dst]: (W, E_local) rows from src for e
+    recv_counts = [torch.stack(c) for c in all_to_all_sim(count_chunks)]
     send_splits = [counts.view(W, E_local).sum(1).tolist() for _, _, counts in sort]  # [src][dst] rows
     # 2b. dispatch the rows themselves
-    row_chunks = [list(x[token_of].split(splits)) for x, (_, token_of, _), splits in zip(xs, sort, send_splits)]
-    x_recv = [torch.cat(c) for c in all_to_all_sim(row_chunks)]  # [dst]: (M, d), by source rank, then local expert
+    row_chunks = [list(x[token_of].split(splits))
+                  for x, (_, token_of, _), splits in zip(xs, sort, send_splits)]
+    # [dst]: (M, d), by source rank, then local expert
+    x_recv = [torch.cat(c) for c in all_to_all_sim(row_chunks)]
     # 3. compute: rank r runs its own experts on the rows it received
     y_recv = []
     for r in range(W):
@@ -207,7 +212,8 @@ from moe_lab.model import MoELayer
 
 from moe_lab.core.config import notebook_sizes
 
-SIZES = notebook_sizes("09", rt.mode)["layer"]  # tokens per rank, model width, expert width, routed experts, top-k
+# tokens per rank, model width, expert width, routed experts, top-k
+SIZES = notebook_sizes("09", rt.mode)["layer"]
 T, d, f, E, k = (SIZES[n] for n in ("T", "d", "f", "E", "k"))
 DTYPE = torch.float64
 cfg = MoEConfig(n_experts=E, top_k=k, d_expert=f, n_shared=1, backend="reference")
@@ -223,7 +229,8 @@ for W in (2, 4):
         one_place = experts_reference(torch.cat(xs), torch.cat([r.expert_idx for r in routings]),
                                       torch.cat([r.weights for r in routings]), layer.w1, layer.w3, layer.w2)
     err = (torch.cat(outs) - one_place).abs().max().item()
-    print(f"W={W}: rows sent per [src][dst] = {trace['send_splits']}; largest difference from one process {err:.1e}")
+    print(f"W={W}: rows sent per [src][dst] = {trace['send_splits']}; largest difference from one process "
+          f"{err:.1e}")
     assert err < 1e-12
 
 # %% [markdown]
@@ -257,9 +264,11 @@ colors = plt.get_cmap("tab10").colors
 
 E_loc = trace_p["E_local"]
 copies = [list(zip(token_of.tolist(), routing_p[src].expert_idx.reshape(-1)[order].tolist()))
-          for src, (order, token_of, _) in enumerate(trace_p["sort"])]  # [src]: (token, expert), in send order
+          # [src]: (token, expert), in send order
+          for src, (order, token_of, _) in enumerate(trace_p["sort"])]
 # receivers store rows by source rank, then local expert: each sender's order, senders one after another
-arrived = [[(src, t, e) for src in range(Wp) for t, e in copies[src] if e // E_loc == dst] for dst in range(Wp)]
+arrived = [[(src, t, e) for src in range(Wp) for t, e in copies[src] if e // E_loc == dst]
+           for dst in range(Wp)]
 # every buffer as (label, destination rank) per row
 dispatch_send = [[(f"t{t}→e{e}", e // E_loc) for t, e in rows] for rows in copies]
 dispatch_recv = [[(f"r{src}·t{t}→e{e}", dst) for src, t, e in rows] for dst, rows in enumerate(arrived)]
@@ -319,7 +328,8 @@ fig.legend([Rectangle((0, 0), 1, 1, color=colors[r]) for r in range(Wp)], [f"to 
 fig.tight_layout(rect=(0, 0.06, 1, 1))
 plt.show()
 assert [len(rows) for rows in combine_recv] == [len(rows) for rows in dispatch_send]  # every copy comes home
-assert all(c == r for r, rows in enumerate(dispatch_recv) for _, c in rows)  # a rank receives only its experts' rows
+# a rank receives only its experts' rows
+assert all(c == r for r, rows in enumerate(dispatch_recv) for _, c in rows)
 
 # %% [markdown]
 # The combine's splits are the dispatch's splits transposed. A rank sends back exactly as many rows
@@ -435,7 +445,8 @@ for W in (2, 4):
     g = torch.Generator().manual_seed(W)
     xs = [torch.randn(T, d, generator=g, dtype=DTYPE) for _ in range(W)]  # rank r's tokens
     grads = [torch.randn(T, d, generator=g, dtype=DTYPE) for _ in range(W)]  # stand-in upstream gradients
-    cases_of[W] = [dict(cfg=l.cfg, d_model=d, dtype=DTYPE, state=l.state_dict(), x=xs, grad_y=grads, local_backend="sorted")
+    cases_of[W] = [dict(cfg=l.cfg, d_model=d, dtype=DTYPE, state=l.state_dict(), x=xs, grad_y=grads,
+                        local_backend="sorted")
                    for l in LAYERS.values()]
     t0 = time.perf_counter()
     per_rank = launch(moe_layer_runs, W, cases_of[W], timeout=180)  # [rank][case]
@@ -491,12 +502,14 @@ for W, by_layer in runs.items():
         errs = [
             max_err(torch.cat([r["y"] for r in results]), y_ref),
             max_err(torch.cat([r["grad_x"] for r in results]), gx_ref),
-            max(max_err(torch.cat([r[f"grad_{n}"] for r in results]), getattr(ref, n).grad) for n in ("w1", "w3", "w2")),
+            max(max_err(torch.cat([r[f"grad_{n}"] for r in results]), getattr(ref, n).grad)
+                for n in ("w1", "w3", "w2")),
             max(max_err(r["replicated"][n], params[n].grad) for r in results for n in r["replicated"]),
         ]
         print(f"{W:>2} {name:<13}" + "".join(f"{e:>{w}.1e}" for e, w in zip(errs, (10, 10, 14, 17))))
         assert max(errs) < TOL, (W, name, errs)
-        assert all(set(r["replicated"]) == {n for n in params if not n.startswith("experts.")} for r in results)
+        replicated = {n for n in params if not n.startswith("experts.")}
+        assert all(set(r["replicated"]) == replicated for r in results)
 print("the expert-parallel layer matches one process: outputs and every gradient")
 
 # %% [markdown]
@@ -508,7 +521,8 @@ for W, by_layer in runs.items():
     for name, results in by_layer.items():
         hand, rows = bytes_by_hand([r["expert_idx"] for r in results], E, row_bytes=d * DTYPE.itemsize)
         for rank, (r, expected) in enumerate(zip(results, hand)):
-            measured = {phase: (r["comm"]["sent"][phase], r["comm"]["received"][phase]) for phase in r["comm"]["sent"]}
+            measured = {phase: (r["comm"]["sent"][phase], r["comm"]["received"][phase])
+                        for phase in r["comm"]["sent"]}
             assert measured == expected, (W, name, rank, measured, expected)
             assert all(n == 1 for n in r["comm"]["calls"].values())  # one all-to-all per phase per step
 hand4, rows4 = bytes_by_hand([r["expert_idx"] for r in runs[4]["dropless"]], E, row_bytes=d * 8)
@@ -529,7 +543,9 @@ im = ax.imshow(network, cmap="Blues", vmin=0)
 for s in range(4):
     for t in range(4):
         ax.text(t, s, "local" if s == t else f"{traffic[s, t] / 1e3:.1f} kB", ha="center", va="center",
-                fontsize=8, color="grey" if s == t else ("white" if traffic[s, t] > 0.6 * np.nanmax(network) else "black"))
+                fontsize=8,
+                color="grey" if s == t
+                else ("white" if traffic[s, t] > 0.6 * np.nanmax(network) else "black"))
 ax.set_xticks(range(4))
 ax.set_yticks(range(4))
 ax.set_xlabel("destination rank (owns the expert)")
@@ -658,7 +674,8 @@ def node_limited_topk(scores, n_nodes, max_nodes, k):
     T_, E_ = scores.shape
     per_node = scores.view(T_, n_nodes, E_ // n_nodes)  # (T, nodes, experts per node)
     node_score = per_node.topk(k // max_nodes, dim=-1).values.sum(-1)  # (T, nodes)
-    keep = torch.zeros(T_, n_nodes, dtype=torch.bool).scatter_(1, node_score.topk(max_nodes, -1).indices, True)
+    top_nodes = node_score.topk(max_nodes, -1).indices  # (T, max_nodes)
+    keep = torch.zeros(T_, n_nodes, dtype=torch.bool).scatter_(1, top_nodes, True)
     allowed = keep.repeat_interleave(E_ // n_nodes, dim=1)  # (T, E)
     return scores.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices  # (T, k)
     # END SOLUTION
@@ -668,7 +685,8 @@ checks.check_node_limited_topk(node_limited_topk)
 
 
 def nodes_per_token(idx, n_nodes, experts_per_node):
-    return F.one_hot(idx // experts_per_node, n_nodes).amax(1).sum(-1)  # (T,) distinct nodes each token visits
+    # (T,) distinct nodes each token visits
+    return F.one_hot(idx // experts_per_node, n_nodes).amax(1).sum(-1)
 
 
 n_nodes, M, n_tok = 8, 4, notebook_sizes("09", rt.mode)["routing_tokens"]

@@ -33,7 +33,7 @@
 # - why an MoE layer must not drop tokens at inference, and how much faster GRPO's rollouts get
 #
 # **Prerequisites**: notebook 02 (attention, RoPE, RMSNorm) and notebook 04 (the MoE model and its
-# checkpoint; a trained one ships with the course). **Time to run**: CPU (2 cores): 1 min 0 s – 1 min 22 s (3 runs, as the README's course map measures) · GPU: not yet measured.
+# checkpoint; a trained one ships with the course). **Time to run**: CPU (2 cores): 1 min 0 s – 1 min 22 s (3 runs, 2026-12-03) · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -553,7 +553,7 @@ if record is not None:
     plots.plot_mla_record(record, ax=axes[1])  # a colour per attention, a line style per seed (solid, dashed, dotted)
 else:
     axes[1].set_axis_off()
-    axes[1].text(0.1, 0.5, "no recorded comparison here (data/records/ is not installed on Colab)")
+    axes[1].text(0.1, 0.5, "no recorded comparison: data/records/mla_vs_mha_cpu.json is missing")
 plt.tight_layout()
 plt.show()
 for name, run in live.items():

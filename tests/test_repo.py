@@ -210,3 +210,54 @@ def test_every_package_folder_is_installed_with_the_shipped_data():
     shipped = {p.suffix for p in (ROOT / "data").rglob("*") if p.is_file()}
     globs = setuptools["package-data"]["moe_lab._data"]
     assert {g.rsplit(".", 1)[1] for g in globs} >= {s.lstrip(".") for s in shipped}, (shipped, globs)
+
+
+TIME_LINE = re.compile(r"\*\*Time to run\*\*: CPU \(2 cores\): (?P<cpu>.+?) · GPU: (?P<gpu>.+?)\.$", re.M)
+
+
+def readme_times() -> dict:
+    """{notebook number: (CPU cell, GPU cell)} of the README's course map."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if re.match(r"^\| \d\d \| `", line):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            rows[cells[0]] = (cells[4], cells[5])
+    return rows
+
+
+@pytest.mark.parametrize("py", [pytest.param(p, id=p.name) for p in PAIRS])
+def test_time_to_run_line_states_the_readme_course_map_figures(py):
+    """One source for each notebook's time: its "Time to run" line and the README's course map say the same."""
+    m = TIME_LINE.search(py.read_text().replace("\n# ", " "))
+    assert m, f"{py.name}: no '**Time to run**: CPU (2 cores): ... · GPU: ....' line"
+    cpu, gpu = readme_times()[py.stem[:2]]
+    assert (m["cpu"], m["gpu"]) == (cpu, gpu), f"{py.name} says CPU {m['cpu']!r}, GPU {m['gpu']!r}; README: {cpu!r}, {gpu!r}"
+
+
+def test_time_check_reads_the_readme_cells():
+    times = readme_times()
+    assert times["04"][0].startswith("3 min 30 s") and len(times) == len(PAIRS)
+    assert TIME_LINE.search("**Time to run**: CPU (2 cores): 12 s · GPU: not yet measured.")["cpu"] == "12 s"
+
+
+# JupyterLab 4 in a 1400 px wide window shows 122 characters of a code line (measured by
+# tests/commands/test_browser.py, which asserts at least 110, in Chromium as make lab serves the notebooks);
+# 110 leaves room for a wider sidebar or a larger font. Markdown wraps; code does not.
+CODE_WIDTH = 110
+
+
+@pytest.mark.parametrize("py", [pytest.param(p, id=p.name) for p in PAIRS])
+def test_code_lines_fit_the_labs_width(py):
+    long = [line.strip()[:40] + "..." for cell in jupytext.read(py).cells if cell.cell_type == "code"
+            for line in cell.source.splitlines() if len(line) > CODE_WIDTH]
+    assert not long, f"{py.name}: {len(long)} code lines over {CODE_WIDTH} characters: {long}"
+
+
+@pytest.mark.parametrize("ipynb", TRACKED_NOTEBOOKS, ids=lambda p: p.relative_to(NB_DIR).as_posix())
+def test_notebooks_carry_the_kernels_language_info(ipynb):
+    """A notebook without language_info is changed by the kernel the moment it opens: JupyterLab then shows
+    a fresh working copy as modified. `make notebooks` writes it (moe_lab/commands/exercises.py)."""
+    from moe_lab.commands.lab import LANGUAGE_INFO
+
+    info = nbformat.read(ipynb, as_version=4).metadata.get("language_info")
+    assert info == LANGUAGE_INFO, f"{ipynb.name}: language_info {info!r}, expected {LANGUAGE_INFO!r}: run `make notebooks`"

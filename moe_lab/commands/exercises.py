@@ -36,6 +36,8 @@ from typing import Optional
 import jupytext
 import nbformat
 
+from moe_lab.commands.lab import LANGUAGE_INFO
+from moe_lab.course import colab
 from moe_lab.core import paths
 from moe_lab.course import colab
 
@@ -185,7 +187,8 @@ def learner_notebook(path: Path) -> nbformat.NotebookNode:
         cell["id"] = f"{path.stem[:2]}-{i:03d}"  # deterministic: regenerating gives the same bytes
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata = {"kernelspec": dict(parsed.metadata.get("kernelspec", {})) or
-                   {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}}
+                   {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+                   "language_info": dict(LANGUAGE_INFO)}
     nb.nbformat, nb.nbformat_minor = 4, 5
     return nb
 
@@ -200,11 +203,22 @@ def sources(notebooks_dir: Path = NOTEBOOKS) -> list[Path]:
     return sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.py"))
 
 
+def with_language_info(ipynb: Path) -> str:
+    """A solution notebook (as jupytext wrote it from its .py) with the kernel's language_info in its
+    metadata (jupytext leaves it out), as the exact text to write."""
+    nb = nbformat.read(ipynb, as_version=4)
+    nb.metadata["language_info"] = dict(LANGUAGE_INFO)
+    return nbformat.writes(nb, version=4) + "\n"
+
+
 def generate(notebooks_dir: Path = NOTEBOOKS, out_dir: Optional[Path] = None, check: bool = False) -> list[Path]:
-    """Write (or, with check, only compare) every learner notebook; returns the files that differed."""
+    """Write (or, with check, only compare) every learner notebook, and the language_info of every
+    solution notebook; returns the files that differed."""
     notebooks_dir = Path(notebooks_dir)
     out_dir = Path(out_dir) if out_dir is not None else notebooks_dir / OUT_DIR_NAME
     expected = {out_dir / f"{p.stem}.ipynb": render(p) for p in sources(notebooks_dir)}
+    expected.update({p.with_suffix(".ipynb"): with_language_info(p.with_suffix(".ipynb"))
+                     for p in sources(notebooks_dir) if p.with_suffix(".ipynb").is_file()})
     drifted = [p for p, text in expected.items() if not p.exists() or p.read_text() != text]
     stale = sorted(set(out_dir.glob("*.ipynb")) - set(expected)) if out_dir.exists() else []
     if not check:
@@ -229,7 +243,7 @@ def main(argv=None) -> int:
     n = len(sources(args.notebooks))
     if args.check:
         if changed:
-            print("learner notebooks out of date (run `make exercises`):\n  " + "\n  ".join(map(str, changed)),
+            print("notebooks out of date (learner versions, or a solution's language_info; run `make exercises`):\n  " + "\n  ".join(map(str, changed)),
                   file=sys.stderr)
             return 1
         print(f"{n} learner notebooks up to date")

@@ -127,9 +127,9 @@ def archive(folder: Path, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
-        for pattern in ("data/kernel_tables/*.json", "data/bench/*.json"):
-            for path in sorted(ROOT.glob(pattern)):
-                tar.add(path, arcname=f"repo/{path.relative_to(ROOT)}")
+        for folder_name in ("kernel_tables", "bench"):  # the shipped folders, found by core.paths
+            for path in sorted(paths.data_path(folder_name).glob("*.json")):
+                tar.add(path, arcname=f"repo/data/{folder_name}/{path.name}")
     tmp.replace(dest)
 
 

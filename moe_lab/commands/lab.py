@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -49,6 +50,13 @@ NOTEBOOKS = ROOT / "notebooks"
 WORKSPACE_NAME = "workspace"  # notebooks/workspace/: the learner's copies (ignored by git and by make test)
 MANIFEST = ".sources.json"  # in the workspace: the hash of each original when it was copied
 KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # what every kernel the course starts should have
+# What a Python kernel writes into a notebook's metadata when the notebook opens (ipykernel's
+# kernel_info reply). The tracked notebooks carry it, the version left out (it is the learner's Python's);
+# a working copy gets this Python's version too: JupyterLab finds nothing to change and the freshly
+# opened copy is not "modified" before any edit. `make notebooks` writes it (moe_lab/commands/exercises.py).
+LANGUAGE_INFO = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
+                 "mimetype": "text/x-python", "name": "python", "nbconvert_exporter": "python",
+                 "pygments_lexer": "ipython3"}
 NEWS_OFF = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False}}
 
 
@@ -75,9 +83,11 @@ def _digest(path: Path) -> str:
 
 
 def working_copy_text(original: Path) -> str:
-    """The notebook as copied: the same cells, without jupytext's pairing (a save writes no .py)."""
+    """The notebook as copied: the same cells, without jupytext's pairing (a save writes no .py), with
+    the language_info this Python's kernel will report (so opening the copy changes nothing)."""
     nb = json.loads(original.read_text(encoding="utf-8"))
     nb.get("metadata", {}).pop("jupytext", None)
+    nb.setdefault("metadata", {})["language_info"] = {**LANGUAGE_INFO, "version": platform.python_version()}
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 

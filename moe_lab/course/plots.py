@@ -40,19 +40,26 @@ def plot_loss_curves(histories: dict, x: str = "step", ax=None, title: Optional[
     return ax
 
 
-def plot_expert_load(load, ax=None, title: str = "tokens per expert", ylabels: Optional[Sequence[str]] = None):
-    """Heat map of a (rows, E) load matrix (rows = layers or steps), each row as a fraction of its total."""
+def load_fractions(load) -> torch.Tensor:
+    """A (rows, E) load matrix (or one row) as fractions of each row's total."""
     load = torch.as_tensor(load).float()
     if load.dim() == 1:
         load = load[None]
-    frac = (load / load.sum(-1, keepdim=True).clamp_min(1)).numpy()
+    return load / load.sum(-1, keepdim=True).clamp_min(1)
+
+
+def plot_expert_load(load, ax=None, title: str = "tokens per expert", ylabels: Optional[Sequence[str]] = None,
+                     vmax: Optional[float] = None):
+    """Heat map of a (rows, E) load matrix (rows = layers or steps), each row as a fraction of its total.
+    Rows are labelled by their index (layer 0, 1, ...) unless ylabels are given. Give panels that are to be
+    compared the same vmax (e.g. the largest fraction over all of them): one colour, one share."""
+    frac = load_fractions(load).numpy()
     ax = _axes(ax, figsize=(6, 0.4 * len(frac) + 1.5))
-    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0)
+    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer" if ylabels is None else "")
     ax.set_xticks(range(frac.shape[1]))
-    if ylabels is not None:
-        ax.set_yticks(range(len(ylabels)), labels=list(ylabels))
+    ax.set_yticks(range(len(frac)), labels=list(ylabels) if ylabels is not None else [str(i) for i in range(len(frac))])
     ax.set_title(title)
     plt.colorbar(im, ax=ax, label="fraction of assignments")
     return ax

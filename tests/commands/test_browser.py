@@ -206,9 +206,25 @@ def kernel_idle(base: str, token: str, name: str) -> bool:
     return any(s["path"].endswith(name) and s["kernel"]["execution_state"] == "idle" for s in sessions)
 
 
-def open_and_run_all(page, base: str, token: str, name: str, fail_fast: bool = True) -> list[str]:
+# How many characters of a code line JupyterLab shows in the open notebook without scrolling (the
+# editor's width over the width of a character of its font): tests/test_repo.py keeps code lines within it.
+VISIBLE_CHARACTERS_JS = """(panel) => {
+  const scroller = document.querySelector(panel + ' .jp-CodeCell .cm-scroller');
+  const line = scroller.querySelector('.cm-line');
+  const style = getComputedStyle(line);
+  const ctx = document.createElement('canvas').getContext('2d');
+  ctx.font = style.font;
+  const gutters = scroller.querySelector('.cm-gutters');
+  const room = scroller.clientWidth - (gutters ? gutters.offsetWidth : 0);
+  return Math.floor((room - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)) / ctx.measureText('x').width);
+}"""
+
+
+def open_and_run_all(page, base: str, token: str, name: str, fail_fast: bool = True,
+                     opened=None) -> list[str]:
     """Open notebook `name`, wait for its kernel, run all cells from the Run menu, wait until every
-    code cell has an execution count and the kernel is idle. Returns the prompts."""
+    code cell has an execution count and the kernel is idle. Returns the prompts. `opened(page)`, if
+    given, is called once the kernel is idle, before anything runs."""
     # a workspace of its own per notebook: JupyterLab reopens nothing else in the page
     page.goto(f"{base}/lab/workspaces/{name.split('.')[0]}/tree/{name}?token={token}")
     page.locator(PANEL + " .jp-CodeCell").first.wait_for(timeout=60_000)
@@ -220,6 +236,8 @@ def open_and_run_all(page, base: str, token: str, name: str, fail_fast: bool = T
         if time.monotonic() > deadline:
             raise AssertionError(f"{name}: the kernel did not become idle within {START_TIMEOUT_S} s")
         page.wait_for_timeout(250)
+    if opened is not None:
+        opened(page)
     for attempt in range(3):  # the menu, as a person would; again if the click came too early
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
@@ -261,7 +279,17 @@ def test_notebook_runs_in_a_real_browser(lab):
             assert seen and "ZeroDivisionError" in seen[0], f"the error check missed 1 / 0: {seen}"
 
             assert page.get_by_text("Jupyter news").count() == 0, "JupyterLab's news prompt is on screen"
-            shown = open_and_run_all(page, base, token, NOTEBOOK)
+            seen_on_open = {}
+
+            def on_open(pg):  # the working copy as opened, its kernel started, nothing run yet
+                seen_on_open["dirty"] = pg.locator(".lm-TabBar-tab.jp-mod-dirty").count()
+                seen_on_open["characters"] = pg.evaluate(VISIBLE_CHARACTERS_JS, PANEL)
+
+            shown = open_and_run_all(page, base, token, NOTEBOOK, opened=on_open)
+            # language_info written by `make notebooks`, its version by the lab: opening changes nothing
+            assert seen_on_open["dirty"] == 0, "the working copy shows as modified as soon as it opened"
+            print(f"\nJupyterLab at 1400 px shows {seen_on_open['characters']} characters of a code line")
+            assert seen_on_open["characters"] >= 110, seen_on_open  # CODE_WIDTH of tests/test_repo.py
             assert len(descendants(server.pid)) >= 2, "expected the two notebooks' kernels under the server"
             errors = error_outputs(page)
             assert not errors, f"{NOTEBOOK}: cells show errors:\n" + "\n---\n".join(e[-1500:] for e in errors)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,8 @@ def test_workspace_copies_every_notebook_once_and_never_overwrites(tmp_path):
     assert sorted(first["copied"]) == ["00_a.ipynb", "01_b.ipynb", "exercises/00_a.ipynb"]
     copy = nbformat.read(ws / "00_a.ipynb", as_version=4)
     assert "jupytext" not in copy.metadata  # saving a copy writes no paired .py
+    # what this Python's kernel reports when the copy opens: JupyterLab has nothing to change in it
+    assert copy.metadata.language_info == {**lab.LANGUAGE_INFO, "version": platform.python_version()}
     assert copy.cells[0].source == "print('a')"
 
     mine = _notebook("print('my answer')", jupytext=False)

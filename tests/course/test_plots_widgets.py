@@ -77,6 +77,16 @@ def test_plots_label_their_axes(draw):
     plt.close("all")
 
 
+def test_expert_load_heat_maps_tick_whole_layers_and_share_a_colour_scale():
+    """Notebook 04 compares two panels: their rows are layers 0, 1 (no -0.5 ... 1.5 ticks), and one vmax
+    gives both one colour scale (otherwise the balanced panel's own maximum would look as hot)."""
+    ax = plots.plot_expert_load(torch.tensor([[3.0, 1.0], [1.0, 1.0]]), vmax=0.9)
+    assert list(ax.get_yticks()) == [0, 1] and [t.get_text() for t in ax.get_yticklabels()] == ["0", "1"]
+    assert ax.images[0].get_clim() == (0, 0.9)
+    np.testing.assert_allclose(plots.load_fractions(torch.tensor([3.0, 1.0])).numpy(), [[0.75, 0.25]])
+    plt.close("all")
+
+
 def test_plot_errors_are_clear():
     with pytest.raises(ValueError, match="x='epoch'"):
         plots.plot_loss_curves({}, x="epoch")

@@ -2,13 +2,28 @@
 from __future__ import annotations
 
 import functools
+import traceback
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+PACKAGE = Path(__file__).resolve().parents[2]  # moe_lab/: frames inside it are the checker's, not the learner's
+
 
 class CheckFailed(AssertionError):
     """Raised by a checker: the message says what is wrong and what was expected."""
+
+    def _render_traceback_(self) -> list[str]:
+        """How Jupyter (IPython) shows a failed check: the message first, then the lines of your cells
+        that called the check, without the checker's own frames (they say nothing about your code)."""
+        lines = [f"\x1b[1;31mCheckFailed\x1b[0m: {self}"]
+        yours = [f for f in traceback.extract_tb(self.__traceback__)
+                 if not Path(f.filename).resolve().is_relative_to(PACKAGE)]
+        if yours:
+            lines += ["", "called from:"] + [f"  {f.filename}, line {f.lineno}: {(f.line or '').strip()}"
+                                             for f in yours]
+        return lines
 
 
 def _ok(name: str) -> None:
