@@ -759,9 +759,9 @@ else:
 # layer next to `torch._grouped_mm` and a dense matmul of equal FLOPs, the course's speed targets and
 # how far that run is from them. That run predates the tables (its kernels autotuned on every new
 # shape), so it cannot say what each change bought. 07 has the cells for that, and they fill in once
-# the data exists: what each knob bought, from a recorded tuning run (`python -m moe_lab tune
-# --timings data/tune/<device>.json`), and the layer before and after, from a second bench run of the
-# same device.
+# the data exists: what each knob bought, from a recorded tuning run (`python -m moe_lab tune` on a
+# GPU writes its timings beside its table, `data/kernel_tables/<device>-timings.json`), and the layer
+# before and after, from a second bench run of the same device.
 #
 # ## Summary
 # - **Layout first.** `moe_align` sorts the T·top_k assignments by expert and pads each expert to

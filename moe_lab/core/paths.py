@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the moe_lab/ folder
-SHIPPED = ("bench", "checkpoints", "corpus", "kernel_tables", "records", "tune")  # the folders of data/
+SHIPPED = ("bench", "checkpoints", "corpus", "kernel_tables", "records")  # the folders of data/
 
 
 def repository() -> Optional[Path]:
