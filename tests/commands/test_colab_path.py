@@ -90,10 +90,10 @@ def test_the_installed_package_has_the_shipped_files(colab_env, tmp_path):
     python, site = colab_env
     code = ("import moe_lab, json\nfrom moe_lab.core import paths\n"
             "from moe_lab.training.checkpoint import shipped_checkpoint\n"
-            "from moe_lab.studies import mla_study, profiling\n"
+            "from moe_lab.studies import bench_records, mla_study\n"
             "print(json.dumps({'file': moe_lab.__file__, 'clone': str(paths.repository()),\n"
             "  'data': str(paths.data_dir()), 'ckpt': str(shipped_checkpoint('moe_cpu')),\n"
-            "  'bench': [r['device'] for r in profiling.load_bench_records()],\n"
+            "  'bench': [r['device'] for r in bench_records.load_bench_records()],\n"
             "  'study': mla_study.load_record('cpu') is not None}))")
     out = subprocess.run([str(python), "-c", code], env=_clean_env(), cwd=tmp_path, check=True,
                          capture_output=True, text=True).stdout
