@@ -157,7 +157,8 @@ ref_offsets, ref_ids, ref_blocks = moe_align_reference(expert_idx.cpu(), E, 4)  
 assert layout[1].tolist() == ref_offsets and layout[2][: ref_offsets[-1]].tolist() == ref_ids
 print("align_torch == moe_align == moe_align_reference")
 bound = T * top_k + min(E, T * top_k) * (4 - 1)  # before rounding up to whole blocks
-print(f"max_rows: bound {bound}, rounded up to whole blocks of 4: {align.max_rows} rows, {align.max_rows // 4} blocks")
+print(f"max_rows: bound {bound}, rounded up to whole blocks of 4: {align.max_rows} rows, "
+      f"{align.max_rows // 4} blocks")
 assert (bound, align.max_rows) == (26, 28) and len(layout[3]) == align.max_rows // 4
 
 # %% [markdown]
@@ -246,7 +247,8 @@ assert pad.offsets == tuple(al_p.offsets.tolist()) and pad.max_blocks == al_p.ma
 assert pad.used_blocks == int((al_p.block_expert >= 0).sum())
 padding_rows = pad.padded_rows - pad.real_rows
 assert (pad.real_rows, pad.padded_rows) == (3072, 4160)  # the counts the prose above quotes
-assert abs(pad.waste_fraction - padding_rows / pad.padded_rows) < 1e-12 and abs(pad.overhead - padding_rows / pad.real_rows) < 1e-12
+assert abs(pad.waste_fraction - padding_rows / pad.padded_rows) < 1e-12
+assert abs(pad.overhead - padding_rows / pad.real_rows) < 1e-12
 print(pad.summary())
 tiling.plot_moe_padding(pad)
 plt.show()

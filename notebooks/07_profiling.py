@@ -199,8 +199,9 @@ for rec_ in bench_records.load_bench_records():  # measured: a large matmul and 
 
 def intensity_at(s, tokens):
     """FLOP per minimal byte of layer s at a token count (bf16)."""
-    return cost.arithmetic_intensity(cost.moe_flops(tokens, s.d_model, s.d_expert, s.top_k),
-                                          cost.moe_bytes(tokens, s.d_model, s.d_expert, s.n_experts, s.top_k, 2)["total"])
+    return cost.arithmetic_intensity(
+        cost.moe_flops(tokens, s.d_model, s.d_expert, s.top_k),
+        cost.moe_bytes(tokens, s.d_model, s.d_expert, s.n_experts, s.top_k, 2)["total"])
 
 
 def crossing(s, ridge, most=1 << 22):
@@ -233,7 +234,8 @@ assert round(ridges.get("NVIDIA H200, measured 2026-11-26", 179)) == 179  # the 
 print("tokens at which each layer becomes compute-bound (intensity >= ridge):")
 for name in ("teaching", "mixtral", "fine"):
     s = bench.SHAPES[name]
-    print(f"  {name:9s}" + "".join(f" | {ridge_name}: {crossing(s, r) or 'never':>6}" for ridge_name, r in ridges.items())
+    print(f"  {name:9s}"
+          + "".join(f" | {ridge_name}: {crossing(s, r) or 'never':>6}" for ridge_name, r in ridges.items())
           + f" | intensity never passes {1.5 * s.top_k * s.d_expert:.0f} FLOP/byte")
 
 # %% [markdown]
@@ -373,7 +375,8 @@ if not records:
           "then commit data/bench/<device>.json. This notebook will plot it here, labelled with its device "
           "and date.")
 for rec in records:
-    print(f"{bench_records.record_label(rec)} | driver {rec['driver']} | torch {rec['torch']} | triton {rec['triton']}\n"
+    print(f"{bench_records.record_label(rec)} | driver {rec['driver']} | torch {rec['torch']} "
+          f"| triton {rec['triton']}\n"
           f"  command: {rec['command']}")
     plots.plot_bench_record(rec, live_rows=[r for r in live if r["tokens"] == big], live_ceilings=ceil)
     plt.show()
@@ -386,8 +389,9 @@ for rec in records:
         for t in targets:
             by_target.setdefault(t["target"], []).append(t)
         for name_t, checks_t in by_target.items():
-            print(f"  - {name_t}: " + ", ".join(f"{t['value']:.3g} at {t['tokens']} ({'met' if t['met'] else 'not met'})"
-                                                for t in checks_t))
+            print(f"  - {name_t}: "
+                  + ", ".join(f"{t['value']:.3g} at {t['tokens']} ({'met' if t['met'] else 'not met'})"
+                              for t in checks_t))
 
 # %% [markdown]
 # **The targets.** A bench run also checks the course's speed targets for the `triton` back-end, each

@@ -38,7 +38,8 @@
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -63,7 +64,8 @@ from moe_lab.course import checks
 
 T0 = 8
 for n in (5, 50, 500):
-    print(f"prompt {T0}, {n:>3} new tokens: {n * T0 + n * (n - 1) // 2:>7,} token-forwards without a cache, {T0 + n - 1:>4} with")
+    print(f"prompt {T0}, {n:>3} new tokens: {n * T0 + n * (n - 1) // 2:>7,} token-forwards without a cache, "
+          f"{T0 + n - 1:>4} with")
 
 # %% [markdown]
 # ## 2. The cache, built inline
@@ -77,7 +79,8 @@ for n in (5, 50, 500):
 # Return the output and both grown caches.
 
 # %%
-def attend_with_cache(q, k_new, v_new, k_cache, v_cache):  # q, k_new, v_new (B, H, 1, hd); caches (B, H, S, hd)
+# q, k_new, v_new (B, H, 1, hd); caches (B, H, S, hd)
+def attend_with_cache(q, k_new, v_new, k_cache, v_cache):
     # BEGIN SOLUTION
     k_cache = torch.cat([k_cache, k_new], dim=2)  # (B, H, S + 1, hd)
     v_cache = torch.cat([v_cache, v_new], dim=2)
@@ -86,7 +89,8 @@ def attend_with_cache(q, k_new, v_new, k_cache, v_cache):  # q, k_new, v_new (B,
     # END SOLUTION
 
 
-checks.check_cache_append(attend_with_cache)  # the same as moe_lab.model.kv_cache.LayerCache.append + moe_lab.model.layers.attend
+# the same as moe_lab.model.kv_cache.LayerCache.append + moe_lab.model.layers.attend
+checks.check_cache_append(attend_with_cache)
 
 # %% [markdown]
 # RoPE (notebook 02) rotates each query and key by an angle proportional to its **position**. In a
@@ -103,11 +107,13 @@ from moe_lab.model.layers import CausalSelfAttention, apply_rope
 def rope_new_tokens(x, cos, sin, n_cached):
     # BEGIN SOLUTION
     T = x.shape[-2]
-    return apply_rope(x, cos[n_cached:n_cached + T], sin[n_cached:n_cached + T])  # positions n_cached .. n_cached + T - 1
+    # positions n_cached .. n_cached + T - 1
+    return apply_rope(x, cos[n_cached:n_cached + T], sin[n_cached:n_cached + T])
     # END SOLUTION
 
 
-checks.check_rope_offset(rope_new_tokens)  # the same as the offset in moe_lab.model.layers.CausalSelfAttention
+# the same as the offset in moe_lab.model.layers.CausalSelfAttention
+checks.check_rope_offset(rope_new_tokens)
 
 # %% [markdown]
 # Now decode a whole sequence with the course's attention layer, one token at a time, with your two
@@ -123,12 +129,14 @@ with torch.no_grad():
     k_cache, v_cache = torch.zeros(B, H, 0, hd), torch.zeros(B, H, 0, hd)
     outs = []
     for t in range(x.shape[1]):
-        q, k, v = (z.view(B, 1, H, hd).transpose(1, 2) for z in attn.qkv(x[:, t:t + 1]).split(32, -1))  # (B, H, 1, hd)
+        # (B, H, 1, hd) each
+        q, k, v = (z.view(B, 1, H, hd).transpose(1, 2) for z in attn.qkv(x[:, t:t + 1]).split(32, -1))
         q, k = rope_new_tokens(q, attn.cos, attn.sin, t), rope_new_tokens(k, attn.cos, attn.sin, t)
         y, k_cache, v_cache = attend_with_cache(q, k, v, k_cache, v_cache)
         outs.append(attn.proj(y.transpose(1, 2).reshape(B, 1, 32)))
     step_by_step = torch.cat(outs, 1)
-print(f"token by token with the cache vs one forward: largest difference {(step_by_step - full).abs().max():.1e}")
+print(f"token by token with the cache vs one forward: largest difference "
+      f"{(step_by_step - full).abs().max():.1e}")
 assert torch.allclose(step_by_step, full, atol=1e-5)
 
 # %% [markdown]
@@ -162,7 +170,8 @@ else:
     model, _, _ = train_course_model("cpu", progress=True, device=str(rt.device))
 model.eval()
 problems = [p for p in task.problems(200, "heldout", seed=3) if len(p.prompt) == 8][:64]
-prompts = torch.tensor([[TOKENIZER.newline_id] + TOKENIZER.encode(p.prompt) for p in problems], device=rt.device)
+prompts = torch.tensor([[TOKENIZER.newline_id] + TOKENIZER.encode(p.prompt) for p in problems],
+                       device=rt.device)
 a, logits_a = model.generate(prompts, 6, temperature=0, use_cache=False, return_logits=True)
 b, logits_b = model.generate(prompts, 6, temperature=0, use_cache=True, return_logits=True)
 diff32 = (logits_a - logits_b).abs().max().item()
@@ -172,7 +181,8 @@ _, logits_d = model64.generate(prompts, 6, temperature=0, use_cache=True, return
 diff64 = (logits_c - logits_d).abs().max().item()
 print(f"same greedy tokens: {torch.equal(a, b)}; largest logit difference: float32 {diff32:.1e} "
       f"(logits up to {logits_a.abs().max():.0f}), float64 {diff64:.1e}")
-print(f"float32's own rounding on these logits (float32 vs float64, no cache): {(logits_a.double() - logits_c).abs().max():.1e}")
+print(f"float32's own rounding on these logits (float32 vs float64, no cache): "
+      f"{(logits_a.double() - logits_c).abs().max():.1e}")
 assert torch.equal(a, b) and diff32 <= 1e-5 * logits_a.abs().max() and diff64 < 1e-10
 
 # %% [markdown]
@@ -195,7 +205,8 @@ from moe_lab.model import Transformer
 
 torch.manual_seed(0)
 capped = Transformer(ModelConfig(vocab_size=99, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, ffn="moe",
-                                 moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, capacity_factor=0.5), d_ff=32))
+                                 moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, capacity_factor=0.5),
+                                 d_ff=32))
 toks = torch.randint(0, 99, (4, 12))
 capped.train()
 capped(toks)
@@ -205,8 +216,8 @@ capped(toks)
 dropped_eval = sum(s.dropped for s in capped.routing_stats())
 same = torch.equal(capped.generate(toks[:, :4], 8, temperature=0, use_cache=True),
                    capped.generate(toks[:, :4], 8, temperature=0, use_cache=False))
-print(f"capacity factor 0.5: {dropped_train} assignments dropped in training mode, {dropped_eval} in eval mode; "
-      f"cached and uncached generation agree: {same}")
+print(f"capacity factor 0.5: {dropped_train} assignments dropped in training mode, "
+      f"{dropped_eval} in eval mode; cached and uncached generation agree: {same}")
 assert dropped_train > 0 and dropped_eval == 0 and same
 
 # %% [markdown]
@@ -227,14 +238,16 @@ sizes = notebook_sizes("10", rt.mode)  # this notebook's sizes per mode, beside 
 contexts = list(sizes["contexts"])
 per_token = bench_generate.per_token_times(model.cfg, contexts, batch=1, repeats=3, device=rt.device)
 fig, ax = plt.subplots(figsize=(6, 3.6))
-ax.plot(contexts, [r["uncached_ms"] for r in per_token], "o-", label="no cache: forward over the whole context")
+ax.plot(contexts, [r["uncached_ms"] for r in per_token], "o-",
+        label="no cache: forward over the whole context")
 ax.plot(contexts, [r["cached_ms"] for r in per_token], "s-", label="KV cache: one decode step")
 ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms for one more token",
        title=f"one more token, batch 1 ({rt.mode} mode, {torch.get_num_threads()} threads)")
 ax.legend(fontsize=8)
 plt.show()
 for r in per_token:
-    print(f"context {r['context']:>5}: {r['uncached_ms']:6.2f} ms without cache, {r['cached_ms']:5.2f} ms with ({r['uncached_ms'] / r['cached_ms']:.1f}x)")
+    print(f"context {r['context']:>5}: {r['uncached_ms']:6.2f} ms without cache, "
+          f"{r['cached_ms']:5.2f} ms with ({r['uncached_ms'] / r['cached_ms']:.1f}x)")
 if rt.device.type == "cpu":  # measured on CPUs; on a GPU this tiny model is launch-bound either way
     assert per_token[-1]["uncached_ms"] > per_token[-1]["cached_ms"]  # at the longest context the cache wins
 
@@ -278,7 +291,8 @@ assert v3["mla"] == 61 * 2 * (512 + 64) and v3["mha"] / v3["mla"] > 50
 ctx = torch.logspace(2, 17, 60, base=2)  # 4 to 131,072 tokens of context
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
 for r in cache_table(DEEPSEEK_V3):
-    ax.plot(ctx, ctx * r["bytes_per_token"] / 2**30, label=f"{r['attention']}: {r['bytes_per_token'] / 1024:,.0f} KiB/token")
+    ax.plot(ctx, ctx * r["bytes_per_token"] / 2**30,
+            label=f"{r['attention']}: {r['bytes_per_token'] / 1024:,.0f} KiB/token")
 h100 = 80e9 / 2**30  # an H100's 80 GB in GiB (74.5), the unit of this axis
 ax.axhline(h100, color="grey", ls=":", lw=1)
 ax.text(5, h100 * 1.2, "80 GB (74.5 GiB): one H100's memory", fontsize=8, color="grey")
@@ -310,7 +324,8 @@ plt.show()
 # `w_dkv (d_model, d_c)`, `w_uk, w_uv (d_c, H * hd)`, head $h$ owning columns $h\,hd .. (h+1)\,hd$.
 
 # %%
-def mla_keys_values(x, w_dkv, norm_weight, w_uk, w_uv, n_heads, eps=1e-5):  # x (B, T, d) -> c (B, T, d_c), k, v (B, H, T, hd)
+# x (B, T, d) -> c (B, T, d_c), k, v (B, H, T, hd)
+def mla_keys_values(x, w_dkv, norm_weight, w_uk, w_uv, n_heads, eps=1e-5):
     # BEGIN SOLUTION
     B, T, _ = x.shape
     c = x @ w_dkv  # (B, T, d_c): the down-projection
@@ -321,7 +336,8 @@ def mla_keys_values(x, w_dkv, norm_weight, w_uk, w_uv, n_heads, eps=1e-5):  # x 
     # END SOLUTION
 
 
-checks.check_mla_kv(mla_keys_values)  # the same as moe_lab.model.mla.MultiHeadLatentAttention's latent and up-projections
+# the same as moe_lab.model.mla.MultiHeadLatentAttention's latent and up-projections
+checks.check_mla_kv(mla_keys_values)
 
 # %% [markdown]
 # **Position: the decoupled RoPE key.** Vectors are rows here, as in the code ($x W$ is `x @ w`), and
@@ -372,7 +388,8 @@ mla = MultiHeadLatentAttention(d_model=32, n_heads=4, max_seq_len=64, kv_rank=12
 B, T, H, hd, d_r = 2, 10, 4, 8, 4
 x = torch.randn(B, T, 32)
 with torch.no_grad():
-    c, k, v = mla_keys_values(x, mla.w_dkv.weight.T, mla.kv_norm.weight, mla.w_uk.weight.T, mla.w_uv.weight.T, H)
+    c, k, v = mla_keys_values(x, mla.w_dkv.weight.T, mla.kv_norm.weight, mla.w_uk.weight.T,
+                              mla.w_uv.weight.T, H)
     q = mla.w_q(x).view(B, T, H, hd + d_r).transpose(1, 2)  # (B, H, T, hd + d_r): q_nope, then q_rope
     scores, k_rope = mla_scores(q, k, x, mla.w_kr.weight.T, mla.cos[:T], mla.sin[:T])
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -380,8 +397,9 @@ with torch.no_grad():
     yours = mla.w_o(y.transpose(1, 2).reshape(B, T, H * hd))
     module = mla(x)
     c_module, k_rope_module = mla.latent(x, pos=0)  # what the module caches: (B, T, d_c) and (B, T, d_r)
-print("latent", tuple(c.shape), "| keys", tuple(k.shape), "| RoPE key", tuple(k_rope.shape), "| scale 1/sqrt(hd + d_r) =",
-      f"{mla.scale:.4f}", f"| yours vs the module: largest difference {(yours - module).abs().max():.1e}")
+print("latent", tuple(c.shape), "| keys", tuple(k.shape), "| RoPE key", tuple(k_rope.shape),
+      "| scale 1/sqrt(hd + d_r) =", f"{mla.scale:.4f}",
+      f"| yours vs the module: largest difference {(yours - module).abs().max():.1e}")
 assert torch.allclose(c, c_module, atol=1e-6) and torch.allclose(k_rope, k_rope_module, atol=1e-6)
 assert torch.allclose(yours, module, atol=1e-5)
 
@@ -409,7 +427,8 @@ def absorb_query(q_nope, w_uk):
     # END SOLUTION
 
 
-checks.check_absorbed_query(absorb_query)  # the same as moe_lab.model.mla.MultiHeadLatentAttention.absorbed_weights
+# the same as moe_lab.model.mla.MultiHeadLatentAttention.absorbed_weights
+checks.check_absorbed_query(absorb_query)
 
 # %% [markdown]
 # The module builds both forms from the same weights (`absorb=True` for the absorbed one).
@@ -426,10 +445,12 @@ with torch.no_grad():
     mla.absorb = True
     absorbed = mla(x)
     cache = LayerCache(64)
-    chunks = [mla(x[:, :10], cache)] + [mla(x[:, t:t + 1], cache) for t in range(10, 16)]  # prefill, then decode
+    # prefill, then decode
+    chunks = [mla(x[:, :10], cache)] + [mla(x[:, t:t + 1], cache) for t in range(10, 16)]
     mla.absorb = False
 cached = torch.cat(chunks, 1)
-print(f"absorbed vs plain: {(absorbed - plain).abs().max():.1e}; absorbed with the cache vs plain: {(cached - plain).abs().max():.1e}")
+print(f"absorbed vs plain: {(absorbed - plain).abs().max():.1e}; "
+      f"absorbed with the cache vs plain: {(cached - plain).abs().max():.1e}")
 print("the cache holds:", {name: tuple(t[..., :cache.length, :].shape) for name, t in cache.buffers.items()},
       f"= {cache.nbytes() / (2 * 16):.0f} bytes per token (MHA of this size: {2 * 32 * 4:.0f})")
 assert torch.allclose(absorbed, plain, atol=1e-5) and torch.allclose(cached, plain, atol=1e-5)
@@ -457,7 +478,8 @@ from moe_lab.core import cost
 
 
 def mla_decode_costs(d_model, n_heads, hd, d_r, d_c, S, itemsize):
-    """FLOPs and bytes of one attention layer for one decoded token (batch 1, S tokens cached), per form and part."""
+    """FLOPs and bytes of one attention layer for one decoded token (batch 1, S tokens cached),
+    per form and part."""
     mm, H = cost.matmul_flops, n_heads
     weights = (d_model * (d_c + d_r) + d_model * H * (hd + d_r)  # W_DKV and W_KR, W_Q
                + 2 * d_c * H * hd + H * hd * d_model)  # W_UK and W_UV, W_O
@@ -472,14 +494,17 @@ def mla_decode_costs(d_model, n_heads, hd, d_r, d_c, S, itemsize):
 
 
 def si(x, unit):
-    return next(f"{x / f:.3g} {p}{unit}" for f, p in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")) if x >= f or f == 1)
+    return next(f"{x / f:.3g} {p}{unit}" for f, p in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
+                if x >= f or f == 1)
 
 
 twin = mla_twin(preset("cpu").moe)
 sizes_compared = {  # name: (d_model, heads, hd, d_r, d_c, context S, bytes per number)
     f"course MLA twin (cpu preset), S={twin.max_seq_len}, float32": (
-        twin.d_model, twin.n_heads, twin.d_model // twin.n_heads, twin.rope_dim, twin.kv_rank, twin.max_seq_len, 4),
-    "DeepSeek-V3's sizes, S=4096, bf16": (7168, 128, 128, 64, 512, 4096, 2),  # d_model from its config; queries full-rank
+        twin.d_model, twin.n_heads, twin.d_model // twin.n_heads, twin.rope_dim, twin.kv_rank,
+        twin.max_seq_len, 4),
+    # d_model from its config; queries full-rank
+    "DeepSeek-V3's sizes, S=4096, bf16": (7168, 128, 128, 64, 512, 4096, 2),
 }
 ratios = {}
 for name, args in sizes_compared.items():
@@ -491,8 +516,8 @@ for name, args in sizes_compared.items():
     (plain, plain_bytes), (absorbed, absorbed_bytes) = costs["plain"], costs["absorbed"]
     ratios[name] = sum(plain.values()) / sum(absorbed.values()), plain_bytes / absorbed_bytes, \
         plain["rebuild keys and values"] / absorbed["attend over the latent"]
-    print(f"  plain / absorbed: {ratios[name][0]:.1f}x the FLOPs, {ratios[name][1]:.2f}x the bytes; the rebuild alone "
-          f"costs {ratios[name][2]:.0f}x the absorbed form's wider attention")
+    print(f"  plain / absorbed: {ratios[name][0]:.1f}x the FLOPs, {ratios[name][1]:.2f}x the bytes; "
+          f"the rebuild alone costs {ratios[name][2]:.0f}x the absorbed form's wider attention")
 (course_flops, course_bytes, _), (v3_flops, _, v3_rebuild) = ratios.values()
 assert 6 < course_flops < 10 and 1.5 < course_bytes < 2.5  # what the prose below says
 assert v3_flops > 50 and v3_rebuild > 100
@@ -528,8 +553,10 @@ cfgs = {"MHA": p.moe, "MLA": mla_twin(p.moe)}
 for name, cfg in cfgs.items():
     hd = cfg.d_model // cfg.n_heads
     cache_numbers = 2 * cfg.n_heads * hd if cfg.attention == "mha" else cfg.kv_rank + cfg.rope_dim
-    print(f"{name}: {Transformer(cfg).n_params():,} parameters ({attention_params(cfg):,} per attention block), "
-          f"caches {cache_numbers} numbers per token per layer" + (f" (d_c={cfg.kv_rank}, d_r={cfg.rope_dim})" if name == "MLA" else ""))
+    print(f"{name}: {Transformer(cfg).n_params():,} parameters "
+          f"({attention_params(cfg):,} per attention block), "
+          f"caches {cache_numbers} numbers per token per layer"
+          + (f" (d_c={cfg.kv_rank}, d_r={cfg.rope_dim})" if name == "MLA" else ""))
 
 # %% [markdown]
 # A short run of each, live (the same batches and seed), then the full comparison recorded over
@@ -547,10 +574,12 @@ record = load_record("cpu")
 fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
 for name, run in live.items():
     axes[0].plot(run["eval_step"], run["val_loss"], "o-", label=f"{name} ({run['ms_per_step']:.0f} ms/step)")
-axes[0].set(xlabel="step", ylabel="validation loss", title=f"live: {live_steps} steps, seed 0 ({rt.mode} preset)")
+axes[0].set(xlabel="step", ylabel="validation loss",
+            title=f"live: {live_steps} steps, seed 0 ({rt.mode} preset)")
 axes[0].legend()
 if record is not None:
-    plots.plot_mla_record(record, ax=axes[1])  # a colour per attention, a line style per seed (solid, dashed, dotted)
+    # a colour per attention, a line style per seed (solid, dashed, dotted)
+    plots.plot_mla_record(record, ax=axes[1])
 else:
     axes[1].set_axis_off()
     axes[1].text(0.1, 0.5, "no recorded comparison: data/records/mla_vs_mha_cpu.json is missing")
@@ -567,21 +596,26 @@ for name, run in live.items():
 if record is not None:
     s = record["summary"]
     diffs = ", ".join(f"{d:+.3f}" for d in s["diff_mla_minus_mha"])
-    print(f"final validation loss, mean of seeds {record['seeds']}: MHA {s['mean_final_val_loss']['mha']:.3f}, "
-          f"MLA {s['mean_final_val_loss']['mla']:.3f}")
+    print(f"final validation loss, mean of seeds {record['seeds']}: "
+          f"MHA {s['mean_final_val_loss']['mha']:.3f}, MLA {s['mean_final_val_loss']['mla']:.3f}")
     print(f"MLA - MHA per seed: {diffs} nats -> {s['verdict']}; spread across seeds: MHA "
           f"{s['seed_spread']['mha']:.3f}, MLA {s['seed_spread']['mla']:.3f}")
     for name in ("mha", "mla"):
         ms = [r["ms_per_step"] for r in record["runs"][name]]
         em = [r["heldout_exact_match"] for r in record["runs"][name]]
-        print(f"{name.upper()}: {min(ms):.0f}-{max(ms):.0f} ms per step; held-out exact match " + ", ".join(f"{e:.0%}" for e in em))
+        print(f"{name.upper()}: {min(ms):.0f}-{max(ms):.0f} ms per step; held-out exact match "
+              + ", ".join(f"{e:.0%}" for e in em))
     if not is_current(record):  # models, steps and training recipe all as today's cpu preset?
-        print("note: the cpu preset has changed since this record was made; re-run the command above to refresh it")
-    assert len(record["seeds"]) >= 2 and s["verdict"] == "no consistent winner across seeds"  # what the prose below says
-    stalled = {name: [r["seed"] for r in record["runs"][name] if r["heldout_exact_match"] < 0.5] for name in ("mha", "mla")}
+        print("note: the cpu preset has changed since this record was made; "
+              "re-run the command above to refresh it")
+    # what the prose below says
+    assert len(record["seeds"]) >= 2 and s["verdict"] == "no consistent winner across seeds"
+    stalled = {name: [r["seed"] for r in record["runs"][name] if r["heldout_exact_match"] < 0.5]
+               for name in ("mha", "mla")}
     print("runs that never got the carries right (held-out exact match < 50 %):", stalled)
     learned = [i for i, seed in enumerate(record["seeds"]) if seed not in stalled["mha"] + stalled["mla"]]
-    assert record["seeds"] == [0, 1, 2] and stalled == {"mha": [1], "mla": []}  # the prose below, seed by seed
+    # the prose below, seed by seed
+    assert record["seeds"] == [0, 1, 2] and stalled == {"mha": [1], "mla": []}
     assert all(0 < s["diff_mla_minus_mha"][i] < 0.1 for i in learned)
 
 # %% [markdown]
@@ -614,9 +648,11 @@ roll = bench_generate.rollout_times(model, grpo_problems, group_size=8, temperat
                                     max_new_tokens=task.max_answer_len + 2, repeats=sizes["rollout_repeats"])
 print(f"rollouts of one GRPO step (32 x 8): {roll['median_s']['uncached'] * 1e3:.0f} ms without the cache, "
       f"{roll['median_s']['cached'] * 1e3:.0f} ms with it (medians): {roll['speedup_median']:.1f}x "
-      f"(pairs {roll['speedup_min']:.1f}x-{roll['speedup_max']:.1f}x); the same completions: {roll['same_completions']}")
+      f"(pairs {roll['speedup_min']:.1f}x-{roll['speedup_max']:.1f}x); "
+      f"the same completions: {roll['same_completions']}")
 assert roll["same_completions"]  # the cache changes the speed, not the samples
-if rt.device.type == "cpu":  # medians of 2.2-3.0x in runs of this notebook on 2 cores; a GPU runs both launch-bound
+# medians of 2.2-3.0x in runs of this notebook on 2 cores; a GPU runs both launch-bound
+if rt.device.type == "cpu":
     assert roll["speedup_median"] > 1.5
 
 # %% [markdown]

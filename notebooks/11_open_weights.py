@@ -38,7 +38,8 @@
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -72,8 +73,9 @@ out = export(ckpt, work / "moe-lab-moe")
 for f in sorted(out.iterdir()):
     print(f"{f.name:24s} {f.stat().st_size:>9,} bytes")
 config = json.loads((out / "config.json").read_text())
-print({k: config[k] for k in ("architectures", "hidden_size", "moe_num_experts", "moe_k", "moe_num_shared_experts",
-                              "moe_intermediate_size", "rope_parameters", "tie_word_embeddings")})
+print({k: config[k] for k in ("architectures", "hidden_size", "moe_num_experts", "moe_k",
+                              "moe_num_shared_experts", "moe_intermediate_size", "rope_parameters",
+                              "tie_word_embeddings")})
 
 # %% [markdown]
 # ## 2. The same answers through `transformers`
@@ -93,7 +95,8 @@ tok = AutoTokenizer.from_pretrained(out)
 x = torch.tensor([tok("\n347+589=639\n12+7=91\ndef f(x):\n    return x")["input_ids"]])
 with torch.no_grad():
     gap = (hf_model(x).logits - ours(x)[0]).abs().max().item()
-print(f"{type(hf_model).__name__}: largest logit difference {gap:.1e} (logits up to {ours(x)[0].abs().max().item():.1f})")
+print(f"{type(hf_model).__name__}: largest logit difference {gap:.1e} "
+      f"(logits up to {ours(x)[0].abs().max().item():.1f})")
 assert gap < 1e-5
 
 task = course_task()
@@ -225,9 +228,11 @@ sig = Transformer(replace(ours.cfg, moe=replace(ours.cfg.moe, router="sigmoid", 
 glm_dir = export(sig, work / "glm")
 glm = AutoModelForCausalLM.from_pretrained(glm_dir, dtype=torch.float32).eval()
 q_ours = sig.blocks[0].attn.qkv.weight[: sig.cfg.d_model]
-assert torch.equal(glm.model.layers[0].self_attn.q_proj.weight, to_half(q_ours.detach(), sig.cfg.n_heads, sig.cfg.d_model // sig.cfg.n_heads))
+assert torch.equal(glm.model.layers[0].self_attn.q_proj.weight,
+                   to_half(q_ours.detach(), sig.cfg.n_heads, sig.cfg.d_model // sig.cfg.n_heads))
 with torch.no_grad():
-    print(type(glm).__name__, f"largest logit difference {(glm(x).logits - sig(x)[0]).abs().max().item():.1e}")
+    print(type(glm).__name__,
+          f"largest logit difference {(glm(x).logits - sig(x)[0]).abs().max().item():.1e}")
 
 # %% [markdown]
 # ## 6. What has no exact counterpart is refused
@@ -245,7 +250,8 @@ try:
 except NoCounterpart as err:
     print("refused:", err)
 assert not (work / "refused").exists()
-print("with a sigmoid router it goes to", choose_architecture(replace(mla_cfg, moe=replace(mla_cfg.moe, router="sigmoid"))).name)
+print("with a sigmoid router it goes to",
+      choose_architecture(replace(mla_cfg, moe=replace(mla_cfg.moe, router="sigmoid"))).name)
 
 # %% [markdown]
 # ## 7. Import a DeepSeek-V3-architecture model and run it on the course's kernels
@@ -266,9 +272,10 @@ from moe_lab.open_weights import from_transformers
 torch.manual_seed(0)
 ds_config = DeepseekV3Config(vocab_size=99, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                              num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
-                             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                             kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-                             n_group=1, topk_group=1, max_position_embeddings=64)
+                             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                             qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
+                             max_position_embeddings=64)
 ds = DeepseekV3ForCausalLM(ds_config).eval()
 with torch.no_grad():
     for n, b in ds.named_buffers():
@@ -281,7 +288,8 @@ print(imported.cfg.attention, imported.cfg.moe.router, imported.cfg.moe.balance,
 ids = torch.randint(0, 99, (2, 32), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     reference = ds(ids).logits
-    for backend in [n for n in B.names() if B.status(n, "cpu", torch.float32) is None]:  # the model is on the CPU
+    # the model is on the CPU
+    for backend in [n for n in B.names() if B.status(n, "cpu", torch.float32) is None]:
         imported.set_backend(backend)
         gap = (imported(ids)[0] - reference).abs().max().item()
         print(f"{backend:10s} largest logit difference to transformers {gap:.1e}")
