@@ -370,6 +370,7 @@ def run_method(method: str, student, cache: dict, budget: Budget, seed: int, tas
     pool = [problems[i] for i in idx]
     model = copy.deepcopy(student)
     evaluate = _evaluator(task, budget)
+    t0 = time.perf_counter()
     if method in ("distill", "distill_grpo"):
         data = verified_dataset(task, pool, [cache["samples"][i] for i in idx])
         fn = run_distill if method == "distill" else run_distill_grpo
@@ -378,7 +379,8 @@ def run_method(method: str, student, cache: dict, budget: Budget, seed: int, tas
         out = run_grpo(model, task, pool, budget, seed, evaluate)
     else:
         out = run_expert_iteration(model, task, pool, budget, seed, evaluate, sft)
-    return {"method": method, "seed": seed, "distinct_problems": len(pool), "threads": torch.get_num_threads()} | out
+    return {"method": method, "seed": seed, "distinct_problems": len(pool), "threads": torch.get_num_threads(),
+            "wall_seconds": round(time.perf_counter() - t0, 1)} | out  # wall: evaluations included
 
 
 def methods_order(methods: Sequence[str], seed: int) -> list[str]:
@@ -540,6 +542,16 @@ def validate_record(record: dict) -> None:
                              f"{record['budget']['seconds']} s")
 
 
+def _write_compact(obj, path) -> None:
+    """Write JSON without indentation, atomically (a temporary file renamed over the target)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 def load_record(path: Optional[Path] = None) -> Optional[dict]:
     """The recorded comparison (data/records/distillation_cpu.json), or None where it is not installed."""
     from moe_lab.data.corpus import data_dir
@@ -572,9 +584,10 @@ def check_out_path(path) -> Path:
     parent = next((p for p in path.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ValueError(f"{path}: {parent} is a file, so no folder can be made there")
-    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+    # a missing write permission counts even for a user (root) whom the system would let write anyway
+    if parent is not None and (not os.access(parent, os.W_OK | os.X_OK) or not parent.stat().st_mode & 0o222):
         raise ValueError(f"{path}: the folder {parent} is not writable")
-    if path.exists() and not os.access(path, os.W_OK):
+    if path.exists() and (not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222):
         raise ValueError(f"{path}: the file is read-only")
     return path
 
@@ -721,7 +734,7 @@ def main(argv=None) -> int:
         _, cache = build_teacher(progress=True)
         cache["teacher"] |= {"command": command, "torch": torch.__version__, "machine": machine(),
                              "date": time.strftime("%Y-%m-%d", time.gmtime())}
-        write_record(cache, args.out)
+        _write_compact(cache, args.out)  # 5000 problems x 4 samples: one line, not one line per sample
         print(f"teacher: {cache['teacher']['start_heldout_exact_match']:.1%} -> {cache['teacher']['heldout_exact_match']:.1%} "
               f"held-out; samples right {cache['sample_accuracy']:.1%}, pass@{cache['sampling']['k']} {cache['pass_at_k']:.1%}")
         return 0

@@ -7,11 +7,12 @@ values (where and by how much), or the gradient. A function that still raises No
 every checker fails on the stub and on plausible wrong answers, and passes on the solution.
 
 Topics: setup (00), data (01), transformer (02), moe (03), training (04), kernels (05, 06, Triton),
-grpo (08), distributed (09), attention (10: the KV cache and MLA).
+grpo (08), distributed (09), attention (10: the KV cache and MLA), distillation (12).
 """
 from moe_lab.checks.attention import check_absorbed_query, check_cache_append, check_mla_kv, check_rope_offset
 from moe_lab.checks.common import CheckFailed
 from moe_lab.checks.data import check_next_token_shift, check_problem_line
+from moe_lab.checks.distillation import check_completion_loss, check_verified_dataset
 from moe_lab.checks.grpo import check_clipped_surrogate, check_group_advantages, check_kl_k3
 from moe_lab.checks.distributed import check_all_to_all_sim, check_bytes_by_hand, check_node_limited_topk
 from moe_lab.checks.kernels import check_combine, check_rows_to_token_expert, check_swiglu_act, check_tile_of
