@@ -514,6 +514,27 @@ def summarize(runs: Sequence[dict]) -> dict:
     return out
 
 
+def spread_curves(record: dict) -> dict:
+    """Per method, at each evaluation mark (seconds): the mean, min and max of held-out exact match over seeds."""
+    out = {}
+    for m in record["methods"]:
+        rs = [r for r in record["runs"] if r["method"] == m]
+        if not rs:
+            continue
+        n = min(len(r["eval_accuracy"]) for r in rs)
+        cols = [[r["eval_accuracy"][i] for r in rs] for i in range(n)]
+        out[m] = {"seconds": rs[0]["eval_seconds"][:n], "mean": [statistics.mean(c) for c in cols],
+                  "min": [min(c) for c in cols], "max": [max(c) for c in cols], "seeds": len(rs)}
+    return out
+
+
+def ranking(record: dict) -> list[tuple[str, str]]:
+    """Pairs (a, b) where method a ended above method b on every seed's worst case: min over seeds of a's
+    final accuracy > max over seeds of b's (ranges that do not overlap). Overlapping pairs are left out."""
+    s = record["summary"]
+    return [(a, b) for a in s for b in s if a != b and s[a]["min"] > s[b]["max"]]
+
+
 def validate_record(record: dict) -> None:
     """Raise ValueError naming what is missing or malformed in a distillation record."""
     if not isinstance(record, dict):
