@@ -24,8 +24,8 @@ paid once for every student, outside the student's budget.
 
     python -m moe_lab.distillation student          # pre-train the student, data/checkpoints/student_cpu.safetensors
     python -m moe_lab.distillation teacher          # GRPO-improve the shipped model, cache its samples
-    python -m moe_lab.distillation compare --seeds 0-4 --seconds 45 --lock /tmp/moe-lab-cpu.lock \\
-        --out data/records/distillation_cpu.json    # every method for every seed, each seed in its own process
+    python -m moe_lab.distillation compare --seeds 0-4 --seconds 40 --evals 5 --problems 3000 --lock LOCKFILE \\
+        --out data/records/distillation_cpu.json   # every method for every seed, each seed in its own process
 
 Where this simplifies: the answers are a few digits, not reasoning traces, so a verified teacher
 completion says no more than the answer key (the notebook discusses what that means); the student's
@@ -69,7 +69,7 @@ EVAL_SEED = 1234  # the held-out problems every notebook evaluates on (moe_lab.e
 class Budget:
     """What every method gets: the same seconds of training and the same pool of problems."""
 
-    seconds: float = 45.0  # training seconds per run (held-out evaluations are not counted)
+    seconds: float = 40.0  # training seconds per run (held-out evaluations are not counted)
     problems: int = 3000  # distinct training problems in the pool every method draws from
     evals: int = 5  # held-out evaluations at evenly spaced seconds (plus one before training)
     eval_problems: int = 500  # held-out problems per evaluation (greedy exact match)

@@ -249,7 +249,7 @@ plt.show()
 # with one thread, the methods of a seed back to back in an order rotated by the seed, so that a
 # busy machine slows them alike:
 #
-#     python -m moe_lab.distillation compare --seeds 0-4 --seconds 60 --evals 6 --problems 3000 \
+#     python -m moe_lab.distillation compare --seeds 0-4 --seconds 40 --evals 5 --problems 3000 \
 #         --lock LOCKFILE --out data/records/distillation_cpu.json
 #
 # The seeds vary the pool, the order of the data and the sampling; the student's pre-training is

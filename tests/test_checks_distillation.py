@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from moe_lab import distillation
 
 
-def _loss(start_shift=0, end_shift=0, prompt=False, padding=False, reduce="mean", per_row=False, detach=False,
-          weight_only=False):
+def _loss(start_shift=0, end_shift=0, prompt=False, padding=False, reduce="mean", per_row=False, detach=False):
     def loss(logits, tokens, prompt_lens, lengths):
         y = tokens[:, 1:]
         pos = torch.arange(y.shape[1])[None, :]
@@ -16,8 +15,6 @@ def _loss(start_shift=0, end_shift=0, prompt=False, padding=False, reduce="mean"
         hi = torch.full_like(lengths, y.shape[1] + 1)[:, None] if padding else lengths[:, None] - 1 + end_shift
         mask = ((pos >= lo) & (pos < hi)).float()
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-        if weight_only:  # right value, but the prompt positions get a zero weight times an inf-free term: fine
-            pass
         if per_row:
             out = ((nll * mask).sum(1) / mask.sum(1)).mean()
         elif reduce == "sum":

@@ -237,3 +237,21 @@ def test_one_seed_writes_its_runs(monkeypatch, tmp_path):
     runs = json.loads(out.read_text())
     assert [r["method"] for r in runs] == ["grpo", "distill"]  # rotated by the seed
     assert all(r["seed"] == 1 and r["seconds"] >= 0.2 for r in runs)
+
+
+def test_spread_curves_and_ranking_read_the_seeds():
+    rec = _record()  # distill ends at 0.5 / 0.6 over seeds, grpo the same: overlapping ranges
+    c = D.spread_curves(rec)
+    assert c["distill"]["seconds"] == [0.0, 1.0] and c["distill"]["min"] == [0.5, 0.5]
+    assert c["distill"]["max"][1] == pytest.approx(0.6) and c["distill"]["mean"][1] == pytest.approx(0.55)
+    assert D.ranking(rec) == []
+    for r in rec["runs"]:
+        if r["method"] == "distill" and r["seed"] == 1:
+            r["eval_accuracy"][-1] = 0.7  # distill 0.5 / 0.7: a higher mean, but the ranges still overlap
+    rec["summary"] = D.summarize(rec["runs"])
+    assert D.ranking(rec) == []
+    for r in rec["runs"]:
+        if r["method"] == "distill":
+            r["eval_accuracy"][-1] += 0.2  # now 0.7 / 0.8, above grpo's 0.5 / 0.6 on every seed
+    rec["summary"] = D.summarize(rec["runs"])
+    assert D.ranking(rec) == [("distill", "grpo")]
