@@ -33,7 +33,7 @@
 #
 # **Prerequisites**: notebook 04 (the recipe that pre-trains the student) and notebook 08 (GRPO, the
 # teacher's training and one of the three methods). A pre-trained student and the teacher's samples
-# ship with the course. **Time to run**: CPU (2 cores): ~3 min · GPU: not yet measured.
+# ship with the course. **Time to run**: CPU (2 cores): ~1.5 min · GPU: not yet measured.
 
 # %%
 import sys, subprocess
@@ -239,7 +239,7 @@ plt.show()
 # %% [markdown]
 # The methods spend their seconds very differently: an SFT step on 64 teacher completions is cheap,
 # so distillation sees its pool dozens of times over while GRPO, which samples 8 answers per problem
-# and runs the policy and the reference on all of them, sees each problem a couple of times. Equal
+# and runs the policy and the reference on all of them, sees each problem only a few times. Equal
 # seconds is the budget a developer has; the problem visits show where it went.
 #
 # ## 6. The record: every method, five seeds
