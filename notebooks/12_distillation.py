@@ -58,8 +58,8 @@ rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versi
 # Its conclusion had two halves. Distilling a stronger model into a smaller one is cheap and
 # works very well; a small model trained by RL alone needs enormous compute and may still not
 # match the distilled one. But pushing past the teacher still needs the teacher to get better,
-# which takes RL on a large model. The report also notes that applying RL *after* distillation lifts
-# the distilled models further, and its own R1 followed that path (SFT, then RL). At the course's
+# which takes RL on a large model. The report fine-tuned its distilled models without any RL stage,
+# noting that RL on top could lift them further; its own R1 was trained that way round (SFT, then RL). At the course's
 # scale every piece exists: the GRPO-improved model of notebook 08 is the teacher, a smaller model
 # is the student, the additions are the verifiable task. What the comparison says at this scale is
 # not what it says at 32B, and section 7 is about that difference.
