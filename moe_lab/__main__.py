@@ -23,6 +23,7 @@ COMMANDS = {
     "rl-spread": ("moe_lab.studies.rl_spread", "GRPO (and REINFORCE) from the shipped checkpoint over seeds (notebook 08)"),
     "recipe-spread": ("moe_lab.studies.recipe_spread", "the training recipe over seeds x thread counts"),
     "export-agreement": ("moe_lab.studies.export_agreement", "held-out exact match of a checkpoint through moe_lab and through transformers (notebook 11)"),
+    "distill": ("moe_lab.studies.distillation", "GRPO vs distillation vs expert iteration for a small student, over seeds (notebook 12)"),
     "cpu-bench": ("moe_lab.studies.cpu_bench", "CPU training-step times per back-end x threads x wait policy, alone and two at once"),
     "lab": ("moe_lab.commands.lab", "open JupyterLab on your working copies of the notebooks (make lab)"),
     "exercises": ("moe_lab.commands.exercises", "regenerate the learner notebooks from the solutions (make exercises)"),
