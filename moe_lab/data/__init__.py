@@ -7,16 +7,7 @@ from moe_lab.data.batches import (Batch, Mixture, TaskSource, TextSource, batch_
                                    course_training_task)
 from moe_lab.data.tasks import ArithmeticTask, Problem
 from moe_lab.data.tokenizer import TOKENIZER, CharTokenizer
-from moe_lab.data import corpus
-
-
-def load_corpus(name: str = "python_stdlib") -> str:
-    """The text of a corpus: the same as moe_lab.data.corpus.load_corpus.
-
-    Imported on call rather than above, so that `python -m moe_lab.data.corpus --build` runs the
-    module once, without Python's warning about a module imported before it is run.
-    """
-    return corpus.load_corpus(name)
+from moe_lab.data.corpus import load_corpus
 
 
 __all__ = ["Batch", "Mixture", "TaskSource", "TextSource", "batch_fn", "course_mixture", "course_task", "course_training_task",

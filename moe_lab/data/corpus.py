@@ -8,7 +8,7 @@ some: the source of Python's own standard library. A fixed, sorted list of its p
 same characters (the modules change a little between Python versions); data/corpus/README.md says
 how it was built. The sources are under the PSF licence.
 
-    python -m moe_lab.data.corpus --build     # regenerate the shipped file from this Python
+    python -m moe_lab corpus --build     # regenerate the shipped file from this Python
 """
 from __future__ import annotations
 
@@ -95,8 +95,8 @@ def load_corpus(name: str = "python_stdlib") -> str:
 
 
 def main(argv=None) -> None:
-    """`python -m moe_lab.data.corpus --build`: regenerate data/corpus/python_stdlib.txt."""
-    parser = argparse.ArgumentParser(prog="python -m moe_lab.data.corpus", description=__doc__,
+    """`python -m moe_lab corpus --build`: regenerate data/corpus/python_stdlib.txt."""
+    parser = argparse.ArgumentParser(prog="python -m moe_lab corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="store_true", help="regenerate data/corpus/python_stdlib.txt")
     parser.add_argument("--chars", type=at_least_1, default=1_000_000, help="the most characters to keep (>= 1)")
