@@ -38,7 +38,8 @@
 # %%
 import sys, subprocess
 if "google.colab" in sys.modules:  # Colab: install the course package, keeping Colab's own torch and triton
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "moe-lab @ git+https://github.com/moe-lab/moe-lab"], check=True)
 from moe_lab.core import runtime
 rt = runtime.setup(seed=0)  # prints mode (gpu / cpu / ci), device, dtype, versions
 
@@ -98,19 +99,22 @@ student, student_figures = distillation.load_student(device=rt.device)
 cache = distillation.load_teacher_cache()
 assert cache is not None, "the teacher's samples are missing: run `python -m moe_lab distill teacher`"
 t = cache["teacher"]
-print(f"teacher: the course model, {t['start_heldout_exact_match']:.1%} -> {t['heldout_exact_match']:.1%} held-out exact "
-      f"match after {t['grpo']['steps']} GRPO steps; its samples: {cache['sample_accuracy']:.1%} right, "
+print(f"teacher: the course model, {t['start_heldout_exact_match']:.1%} -> {t['heldout_exact_match']:.1%} "
+      f"held-out exact match after {t['grpo']['steps']} GRPO steps; "
+      f"its samples: {cache['sample_accuracy']:.1%} right, "
       f"pass@{cache['sampling']['k']} {cache['pass_at_k']:.1%}")
-print(f"student: snapshot at step {student_figures['snapshot_step']} ({student_figures['train_seconds']:.0f} s on "
-      f"{student_figures['threads']} thread), held-out exact match {student_figures['heldout_exact_match']:.1%}")
+print(f"student: snapshot at step {student_figures['snapshot_step']} "
+      f"({student_figures['train_seconds']:.0f} s on {student_figures['threads']} thread), "
+      f"held-out exact match {student_figures['heldout_exact_match']:.1%}")
 s = distillation.model_sizes(Transformer(preset("cpu").moe), student.cpu())
 student.to(rt.device)
 for name in ("teacher", "student"):
     z = s[name]
     print(f"{name:>8}: {z['params']:>7,} parameters, {z['active_params']:>6,} used per token, "
           f"{z['flops_per_token']:>7,.0f} forward FLOPs per token")
-print(f"the student is {s['params_ratio']:.1f}x smaller in parameters, {s['active_params_ratio']:.1f}x in parameters "
-      f"per token, {s['flops_per_token_ratio']:.1f}x in FLOPs per token")
+print(f"the student is {s['params_ratio']:.1f}x smaller in parameters, "
+      f"{s['active_params_ratio']:.1f}x in parameters per token, "
+      f"{s['flops_per_token_ratio']:.1f}x in FLOPs per token")
 
 # %% [markdown]
 # The student is three times smaller than the teacher, but a token of the MoE uses only two of its
@@ -140,7 +144,8 @@ def completion_loss(logits, tokens, prompt_lens, lengths):
     # END SOLUTION
 
 
-checks.check_completion_loss(completion_loss)  # the same as moe_lab.training.sft.sft_loss on completion_batch's mask
+# the same as moe_lab.training.sft.sft_loss on completion_batch's mask
+checks.check_completion_loss(completion_loss)
 
 # %% [markdown]
 # The package builds the same batch with `sft.completion_batch` (its mask is 1 exactly where
@@ -153,8 +158,10 @@ tokens = torch.cat([x, y[:, -1:]], 1)
 prompt_lens = torch.tensor([1 + len(p.prompt) for p, _ in pairs], device=rt.device)
 lengths = torch.tensor([1 + len(p.prompt) + len(c) for p, c in pairs], device=rt.device)
 with torch.no_grad():
-    mine, package = completion_loss(student(x)[0], tokens, prompt_lens, lengths), sft.sft_loss(student, x, y, mask)
-print(f"your loss {mine:.4f}, the package's {package:.4f} on {int(mask.sum())} completion tokens of {mask.numel()} positions")
+    mine, package = (completion_loss(student(x)[0], tokens, prompt_lens, lengths),
+                     sft.sft_loss(student, x, y, mask))
+print(f"your loss {mine:.4f}, the package's {package:.4f} on {int(mask.sum())} completion tokens "
+      f"of {mask.numel()} positions")
 assert torch.allclose(mine, package, atol=1e-5)
 
 # %% [markdown]
@@ -194,8 +201,9 @@ problems = distillation.cache_problems(cache, task)
 data = verified_dataset(task, problems, cache["samples"])
 kept_problems = len({p.prompt for p, _ in data})
 rejected = [(p.prompt, c) for p, ss in zip(problems, cache["samples"]) for c in ss if not task.verify(c, p)]
-print(f"{len(problems)} problems x {cache['sampling']['k']} samples: {len(data)} verified pairs covering {kept_problems} "
-      f"problems ({kept_problems / len(problems):.1%}); {len(rejected)} wrong samples dropped, e.g. {rejected[:3]}")
+print(f"{len(problems)} problems x {cache['sampling']['k']} samples: {len(data)} verified pairs "
+      f"covering {kept_problems} problems ({kept_problems / len(problems):.1%}); "
+      f"{len(rejected)} wrong samples dropped, e.g. {rejected[:3]}")
 assert data == sft.verified_dataset(task, problems, cache["samples"])
 
 # %% [markdown]
@@ -223,10 +231,12 @@ assert data == sft.verified_dataset(task, problems, cache["samples"])
 
 # %%
 budget = distillation.Budget(**sizes["live_budget"])
-live = {m: distillation.run_method(m, student, cache, budget, seed=0, task=task) for m in distillation.METHODS}
+live = {m: distillation.run_method(m, student, cache, budget, seed=0, task=task)
+        for m in distillation.METHODS}
 for m, r in live.items():
     print(f"{m:>16}: {r['eval_accuracy'][0]:.1%} -> {r['eval_accuracy'][-1]:.1%} in {r['seconds']:.1f} s, "
-          f"{r['updates']} updates, {r['problem_visits']:,} problem visits from a pool of {r['distinct_problems']}")
+          f"{r['updates']} updates, {r['problem_visits']:,} problem visits "
+          f"from a pool of {r['distinct_problems']}")
     assert r["seconds"] >= budget.seconds and r["distinct_problems"] == budget.problems  # the budget, met
 
 # %%
@@ -273,7 +283,8 @@ if record is not None:
     ax.legend(loc="lower right")
     plt.show()
     for m, s in record["summary"].items():
-        print(f"{m:>16}: {s['mean']:.1%} mean at the budget, {s['min']:.1%}-{s['max']:.1%} over seeds {s['seeds']}; "
+        print(f"{m:>16}: {s['mean']:.1%} mean at the budget, "
+              f"{s['min']:.1%}-{s['max']:.1%} over seeds {s['seeds']}; "
               f"problem visits {min(s['problem_visits']):,}-{max(s['problem_visits']):,}")
     order = distillation.ranking(record)
     print("ranges that do not overlap at the budget (a above b on every seed):", order or "none")
@@ -291,16 +302,20 @@ if record is not None:
     s, teacher_acc = record["summary"], record["teacher"]["heldout_exact_match"]
     assert all(len(s[m]["final"]) >= 5 for m in distillation.METHODS)  # five seeds per method
     order = set(distillation.ranking(record))
-    for a in ("distill", "distill_grpo"):  # 1. distillation ends above GRPO and expert iteration on every seed
+    # 1. distillation ends above GRPO and expert iteration on every seed
+    for a in ("distill", "distill_grpo"):
         assert {(a, "grpo"), (a, "expert_iteration")} <= order, (a, order)
-    assert not {("grpo", "expert_iteration"), ("expert_iteration", "grpo")} & order  # 2. no ranking between those two
+    # 2. no ranking between those two
+    assert not {("grpo", "expert_iteration"), ("expert_iteration", "grpo")} & order
     assert abs(s["distill"]["mean"] - teacher_acc) < 0.02  # 3. distillation ends near its teacher
     c = distillation.spread_curves(record)["distill"]
     first = c["seconds"][1]
-    assert c["min"][1] - c["mean"][0] > 0.5 * (s["distill"]["mean"] - c["mean"][0])  # most of its gain in the first mark
+    # most of its gain in the first mark
+    assert c["min"][1] - c["mean"][0] > 0.5 * (s["distill"]["mean"] - c["mean"][0])
     gap = s["distill_grpo"]["mean"] - s["distill"]["mean"]
-    print(f"distillation reached {c['min'][1]:.1%}-{c['max'][1]:.1%} after {first:g} s; distill then GRPO ended "
-          f"{100 * gap:.1f} points above distill alone on average (ranges {s['distill']['min']:.1%}-{s['distill']['max']:.1%} "
+    print(f"distillation reached {c['min'][1]:.1%}-{c['max'][1]:.1%} after {first:g} s; "
+          f"distill then GRPO ended {100 * gap:.1f} points above distill alone on average "
+          f"(ranges {s['distill']['min']:.1%}-{s['distill']['max']:.1%} "
           f"and {s['distill_grpo']['min']:.1%}-{s['distill_grpo']['max']:.1%})")
 
 # %% [markdown]
