@@ -24,7 +24,7 @@
 # - what Triton's interpreter is and why CPU runs use float32
 # - how many FLOP/s this machine gives a matrix multiply, the number every later timing is read against
 #
-# **Prerequisites**: none. **Time to run**: CPU (2 cores): 12 s · GPU: not yet measured.
+# **Prerequisites**: none. **Time to run**: CPU (2 cores): 5 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

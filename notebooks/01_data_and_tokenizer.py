@@ -25,7 +25,7 @@
 # - how to generate problems with a held-out split that training never sees, and verify answers
 # - how batches are built: inputs, next-token targets, and a loss mask
 #
-# **Prerequisites**: notebook 00 (optional). **Time to run**: CPU (2 cores): 10 s · GPU: not yet measured.
+# **Prerequisites**: notebook 00 (optional). **Time to run**: CPU (2 cores): 8 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

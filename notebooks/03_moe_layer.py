@@ -27,7 +27,7 @@
 # - capacity factor with token dropping (GShard, Switch) versus dropless routing
 # - two expert back-ends that compute the same function: a loop over experts, and sorted tokens
 #
-# **Prerequisites**: notebook 02. **Time to run**: CPU (2 cores): 10 s · GPU: not yet measured.
+# **Prerequisites**: notebook 02. **Time to run**: CPU (2 cores): 5 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

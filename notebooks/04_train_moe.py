@@ -26,7 +26,7 @@
 # - which tokens each expert prefers
 # - the wall-clock price of dispatching tokens to experts: the motivation for the kernels of 05–07
 #
-# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): 3 min 30 s (1 thread, 2026-12-03); 6 min 55 s to 9 min 55 s with 2 threads · GPU: not yet measured.
+# **Prerequisites**: notebooks 02 and 03. **Time to run**: CPU (2 cores): 3 min 18 s to 3 min 30 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

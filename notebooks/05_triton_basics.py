@@ -33,7 +33,7 @@
 # - Triton's CPU interpreter compared with compiled GPU kernels, and why the interpreter must not be given bfloat16
 #
 # **Prerequisites**: notebook 00 (mode, device and the interpreter). Some NumPy-style indexing helps.
-# You do not need to know CUDA. **Time to run**: CPU (2 cores): 33 s · GPU: not yet measured.
+# You do not need to know CUDA. **Time to run**: CPU (2 cores): 12 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

@@ -44,7 +44,7 @@
 # - plugging kernels into autograd, and checking a new back-end against the readable reference
 #
 # **Prerequisites**: notebooks 03 (the MoE layer and its back-ends) and 05 (Triton's programs,
-# blocks, masks and tiled matmul). **Time to run**: CPU (2 cores): 27 s · GPU: not yet measured.
+# blocks, masks and tiled matmul). **Time to run**: CPU (2 cores): 14 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

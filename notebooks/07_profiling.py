@@ -38,7 +38,7 @@
 # - explaining the gap between each back-end and its ceiling
 #
 # **Prerequisites**: notebooks 03 (the expert back-ends), 05 (arithmetic intensity, tiles) and 06
-# (the Triton expert path). **Time to run**: CPU (2 cores): 17 s · GPU: not yet measured.
+# (the Triton expert path). **Time to run**: CPU (2 cores): 9 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

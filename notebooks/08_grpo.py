@@ -30,7 +30,7 @@
 # - how GRPO compares with plain REINFORCE with a mean baseline on this task
 #
 # **Prerequisites**: notebook 04 (the model and its checkpoint; a trained one ships with the course).
-# **Time to run**: CPU (2 cores): 1 min 26 s (1 thread, 2026-12-03); 2 min 21 s to 4 min 31 s with 2 threads · GPU: 124 s on an H200 (nbval, `grpo_preset("gpu")`, commit 459cca6, from the earlier checkpoint).
+# **Time to run**: CPU (2 cores): 1 min 23 s to 1 min 26 s · GPU: 124 s on an H200 (nbval, `grpo_preset("gpu")`, commit 459cca6, from the earlier checkpoint).
 
 # %%
 import sys, subprocess

@@ -33,7 +33,7 @@
 # - what changes on GPUs: NCCL and `torchrun`, overlapping communication with compute, DeepSeek-V3's node-limited routing, DeepEP
 #
 # **Prerequisites**: notebook 03 (the MoE layer, top-k routing, capacity factor). No prior
-# `torch.distributed` knowledge needed. **Time to run**: CPU (2 cores): 15 s · GPU: not yet measured.
+# `torch.distributed` knowledge needed. **Time to run**: CPU (2 cores): 12 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

@@ -33,7 +33,7 @@
 # - why an MoE layer must not drop tokens at inference, and how much faster GRPO's rollouts get
 #
 # **Prerequisites**: notebook 02 (attention, RoPE, RMSNorm) and notebook 04 (the MoE model and its
-# checkpoint; a trained one ships with the course). **Time to run**: CPU (2 cores): 1 min 0 s – 1 min 22 s (3 runs, 2026-12-03) · GPU: not yet measured.
+# checkpoint; a trained one ships with the course). **Time to run**: CPU (2 cores): 47 s to 1 min 22 s · GPU: not yet measured.
 
 # %%
 import sys, subprocess

@@ -31,7 +31,7 @@
 #
 # **Prerequisites**: notebooks 02 (RoPE), 03-04 (the MoE layer and the shipped checkpoint), 06 (the
 # expert back-ends) and 10 (MLA). Needs `transformers` and `tokenizers` (`pip install -e ".[hub]"`;
-# Colab has both). **Time to run**: CPU (2 cores): 10 s · GPU: not yet measured.
+# Colab has both). **Time to run**: CPU (2 cores): 9 s to 10 s · GPU: not yet measured.
 #
 # The optional Hub section needs a network: it was not run here.
 

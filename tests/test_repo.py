@@ -236,7 +236,7 @@ def test_time_to_run_line_states_the_readme_course_map_figures(py):
 
 def test_time_check_reads_the_readme_cells():
     times = readme_times()
-    assert times["04"][0].startswith("3 min 30 s") and len(times) == len(PAIRS)
+    assert times["04"][0].startswith("3 min 18 s") and len(times) == len(PAIRS)
     assert TIME_LINE.search("**Time to run**: CPU (2 cores): 12 s · GPU: not yet measured.")["cpu"] == "12 s"
 
 
