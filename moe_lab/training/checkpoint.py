@@ -379,8 +379,12 @@ def describe(path: Union[str, Path]) -> dict:
 def main(argv=None) -> int:
     """`python -m moe_lab checkpoint PATH`: print what a checkpoint holds."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    usage = "usage: python -m moe_lab checkpoint PATH   (prints the checkpoint's config and figures)"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m moe_lab checkpoint PATH   (prints the checkpoint's config and figures)", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         print(json.dumps(describe(argv[0]), indent=2))
