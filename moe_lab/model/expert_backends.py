@@ -43,11 +43,6 @@ class ExpertBackend:
     load: Callable[[], Callable]  # returns experts(x, expert_idx, weights, w1, w3, w2) -> y
     why_not: Callable[[torch.device, torch.dtype], Optional[str]]  # None when it runs here, else the reason
 
-    def __getattr__(self, field: str):  # backend.name, backend.python_loop, ... read the facts
-        if field == "facts":  # not set yet (copy, pickle): no facts to read
-            raise AttributeError(field)
-        return getattr(self.facts, field)
-
 
 def _always(device, dtype) -> Optional[str]:
     return None
@@ -114,6 +109,7 @@ _CODE = {  # name: (load, why_not); every name of moe_lab.core.backends has its 
     "ep": (_load_ep, _ep_why_not),
 }
 _REGISTRY: dict[str, ExpertBackend] = {b.name: ExpertBackend(b, *_CODE[b.name]) for b in BACKENDS}
+assert set(_CODE) == set(_REGISTRY), "every back-end of moe_lab.core.backends needs its code here"
 
 
 names = backend_names  # the back-ends' names (moe_lab.core.backends.names)
