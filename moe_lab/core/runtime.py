@@ -1,8 +1,11 @@
 """Runtime policy, decided in one place: mode, device, dtype, seeding and the Triton interpreter.
 
-Every switch of the course is read here and nowhere else: MOE_LAB_MODE, MOE_LAB_FAST / CI,
-MOE_LAB_DEVICE, MOE_LAB_TRITON_INTERPRET (and Triton's own TRITON_INTERPRET). Commands take their
-`--device` default from `default_device()`; the kernels ask `triton_interpret()`.
+Every switch of how the course runs is read here and nowhere else: MOE_LAB_MODE, MOE_LAB_FAST / CI,
+MOE_LAB_DEVICE, MOE_LAB_THREADS, MOE_LAB_TRITON_INTERPRET (and Triton's own TRITON_INTERPRET),
+MOE_LAB_TRITON_AUTOTUNE, MOE_LAB_ALIGN, MOE_LAB_KERNEL_TABLE. Commands take their `--device` default
+from `default_device()`; the kernels ask `triton_interpret()`. Two switches of where things are
+written live with what they name: MOE_LAB_RUNS (moe_lab.core.paths) and MOE_LAB_COMMIT
+(moe_lab.core.machine).
 
 Modes (README, "CPU, GPU and the three modes"): "gpu" (CUDA present: full presets, bf16, compiled
 Triton), "cpu" (presets that learn something real in minutes on 2 cores, float32, Triton through its
