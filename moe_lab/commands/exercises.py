@@ -37,7 +37,6 @@ import jupytext
 import nbformat
 
 from moe_lab.commands.lab import LANGUAGE_INFO
-from moe_lab.course import colab
 from moe_lab.core import paths
 from moe_lab.course import colab
 

@@ -368,7 +368,6 @@ def build_teacher(threads: Optional[int] = None, k: int = 4, n_problems: int = 5
     task = course_task()
     teacher, figures = load_checkpoint(shipped_checkpoint("moe_cpu"), expected=preset("cpu").moe)
     cfg = grpo.grpo_preset("cpu")
-    t0 = time.perf_counter()
     hist = grpo.GRPOTrainer(teacher, task, cfg).run(progress=progress, desc="teacher GRPO")
     problems = task.problems(n_problems, "train", seed=777)
     t1 = time.perf_counter()

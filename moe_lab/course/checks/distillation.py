@@ -87,7 +87,7 @@ def check_completion_loss(loss_fn: Callable) -> None:
     if not got.requires_grad:
         raise CheckFailed(f"{name}: the loss carries no gradient to the logits: did you detach it or use .item()?")
     grad, = torch.autograd.grad(got, logits)
-    B, T = tokens.shape[0], tokens.shape[1] - 1
+    T = tokens.shape[1] - 1
     pos = torch.arange(T)[None, :]
     outside = ~((pos >= prompt_lens[:, None] - 1) & (pos < lengths[:, None] - 1))
     if grad[outside].abs().max() > 0:
